@@ -1,0 +1,69 @@
+# The pipeline as a DAG of file targets: each stage's finished output (its summary.json, written last and
+# moved into place atomically) is the target, so `make sft` builds pretrain first and does nothing the
+# second time. Edit the profile YAML or the data and the affected stages rebuild.
+#
+#   make sft rm ppo                      the whole pipeline on the default tiny profile (CPU, minutes)
+#   make sft PROFILE=gpt2                another profile (configs/<PROFILE>.yaml)
+#   make sft ARGS="sft.lr=3e-4"          config overrides (a changed value rebuilds the stages it affects)
+#   make sft LAUNCH="accelerate launch --config_file configs/accelerate/ddp.yaml -m"   N GPUs
+
+PROFILE ?= tiny
+ARGS ?=
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LAUNCH ?= $(PY) -m
+# torch is installed on its own, first: a pinned release takes the CPU wheel on CPU machines. On a GPU
+# machine pick the CUDA build you want, e.g. make TORCH="torch==2.13.0" TORCH_INDEX=<your CUDA wheel index>.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG := configs/$(PROFILE).yaml
+RUN := runs/$(PROFILE)
+STAMP := $(VENV)/.installed
+DATA := $(wildcard data/$(PROFILE)/*.jsonl)
+
+.DEFAULT_GOAL := help
+.PHONY: FORCE help install pretrain sft test test-all lint clean clean-stages
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILE)  ARGS=\"...\"  LAUNCH=\"$(LAUNCH)\""
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(STAMP)  ## create .venv and install torch + the pipeline (done automatically by every target)
+
+pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
+sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
+
+# Per-stage config stamps: rewritten only when that stage's part of the resolved config (profile + ARGS)
+# changes, so a new sft.lr rebuilds sft but not pretrain.
+$(RUN)/.stamps/%.json: FORCE $(STAMP)
+	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS)
+
+$(RUN)/pretrain/summary.json: $(RUN)/.stamps/pretrain.json $(DATA) pipeline/stages/pretrain.py
+	$(LAUNCH) pipeline pretrain --config $(CONFIG) $(ARGS)
+
+$(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pipeline/stages/sft.py
+	$(LAUNCH) pipeline sft --config $(CONFIG) $(ARGS)
+
+FORCE:
+
+test: $(STAMP)  ## fast test suite, including a shortened end-to-end chain (~minutes on 2 CPU cores)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)  ## every test, the slow end-to-end ones included
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check pipeline tests bench
+
+clean-stages:  ## remove this profile's stage outputs (runs/$(PROFILE))
+	rm -rf $(RUN)
+
+clean:  ## remove all run outputs, caches and the virtual environment
+	rm -rf runs wandb .pytest_cache .ruff_cache $(VENV) *.egg-info

@@ -1,0 +1,94 @@
+"""The CLI: `python -m pipeline <stage> --config configs/<profile>.yaml [dotted.key=value ...]`.
+
+Also `python -m pipeline config --config ...` prints the resolved config, and `python -m pipeline keys`
+lists every config key with its type and help. Under `accelerate launch -m pipeline <stage> ...` the
+same command runs on N processes.
+
+User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_key, to_dict
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp"],
+                        help="stage to run; or config (print the resolved config), keys (list all keys), "
+                        "stamp (refresh the per-stage config stamps the Makefile depends on)")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
+    args = parser.parse_intermixed_args(argv)
+
+    if args.command == "keys":
+        for key, tp, help_ in describe():
+            print(f"{key:<36} {tp:<28} {help_}")
+        return 0
+
+    from pipeline.data import DataError
+    from pipeline.modeling import ModelLoadError
+
+    errors = (*USER_ERRORS, DataError, ModelLoadError)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        if args.command == "stamp":
+            write_stamps(cfg)
+            return 0
+        _setup_logging()
+        stage = importlib.import_module(f"pipeline.stages.{args.command}")
+        stage.run(cfg)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def write_stamps(cfg: Config) -> None:
+    """Write runs/<profile>/.stamps/<stage>.json, touching a file only when that stage's inputs changed.
+
+    The Makefile makes each stage depend on its stamp, so editing `sft.lr` in the profile (or passing
+    ARGS="sft.lr=...") rebuilds sft and what follows, but not pretrain.
+    """
+    stamps = Path(cfg.run_dir) / ".stamps"
+    stamps.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        path = stamps / f"{stage}.json"
+        text = json.dumps(stage_key(cfg, stage), indent=1, sort_keys=True) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+def _setup_logging() -> None:
+    # Only the main process talks; the others would repeat every line N times.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

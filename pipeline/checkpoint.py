@@ -1,0 +1,142 @@
+"""Atomic stage outputs and resumable training state.
+
+A stage writes into a work directory beside its output, `runs/<profile>/<stage>.partial/`:
+
+    <stage>.partial/
+        config.json        the resolved config the interrupted run was started with
+        checkpoints/       Trainer checkpoints (model, optimizer, scheduler, RNG, data position)
+        baseline.json      metrics of the starting model, measured once before training
+        final/             the finished output, assembled here before the rename
+
+Only when the finished output is complete (weights, tokenizer, summary.json) is `final/` renamed to
+`runs/<profile>/<stage>/` (a rename within one filesystem is atomic), and the work directory removed.
+So an interrupted stage leaves no `<stage>/` that a later stage or `make` could take as finished, and
+running it again resumes from the newest checkpoint in `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers", "wandb")
+
+
+class StageOutput:
+    """The work directory of one stage run and the atomic hand-over of its result."""
+
+    def __init__(self, final_dir: str | Path, resume_key: dict[str, Any], is_main: bool = True):
+        self.final_dir = Path(final_dir)
+        self.work_dir = self.final_dir.with_name(self.final_dir.name + ".partial")
+        self.checkpoints_dir = self.work_dir / "checkpoints"
+        self.staging_dir = self.work_dir / "final"
+        self.is_main = is_main
+        self.resume_key = resume_key
+
+    def prepare(self) -> str | None:
+        """Create the work directory; return the checkpoint to resume from, if an interrupted run left one.
+
+        Resuming with a different config would silently mix two runs, so a changed config is an error that
+        names the changed keys.
+        """
+        key_file = self.work_dir / "config.json"
+        if key_file.is_file():
+            old = json.loads(key_file.read_text())
+            changed = sorted(_diff(old, self.resume_key))
+            if changed:
+                raise ConfigError(
+                    f"{self.work_dir} holds an interrupted run started with a different config "
+                    f"(changed: {', '.join(changed[:6])}). Delete that directory to start over, "
+                    "or restore those values to resume it."
+                )
+        elif self.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(key_file, self.resume_key)
+        last = get_last_checkpoint(str(self.checkpoints_dir)) if self.checkpoints_dir.is_dir() else None
+        if last:
+            log.info("resuming from %s", last)
+        return last
+
+    def load_baseline(self) -> dict[str, Any] | None:
+        path = self.work_dir / "baseline.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_baseline(self, metrics: dict[str, Any]) -> None:
+        if self.is_main:
+            _write_json(self.work_dir / "baseline.json", metrics)
+
+    def begin_final(self) -> Path:
+        """A clean staging directory for the finished output (call on every process before saving)."""
+        if self.is_main and self.staging_dir.exists():
+            shutil.rmtree(self.staging_dir)  # a previous attempt died half-way through saving
+        return self.staging_dir
+
+    def commit(self, summary: dict[str, Any]) -> Path:
+        """Write summary.json last, then swap the staging directory in as the stage's output (main only)."""
+        if not self.is_main:
+            return self.final_dir
+        _write_json(self.staging_dir / "summary.json", summary)
+        old = self.final_dir.with_name(self.final_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final_dir.exists():
+            os.replace(self.final_dir, old)  # a re-run replaces the previous output only once it is complete
+        os.replace(self.staging_dir, self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return self.final_dir
+
+
+def build_summary(
+    stage: str, config: dict[str, Any], metrics: dict[str, Any], started: float, **extra: Any
+) -> dict[str, Any]:
+    """The summary.json every stage writes: metrics, resolved config, seed, wall time, versions."""
+    return {
+        "stage": stage,
+        "metrics": metrics,
+        "seed": config.get("seed"),
+        "wall_time_s": round(time.time() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"python": platform.python_version(), **package_versions()},
+        **extra,
+        "config": config,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

@@ -1,0 +1,360 @@
+"""Typed, strict configs: one YAML profile, a section per stage, `dotted.key=value` overrides.
+
+A profile (configs/<profile>.yaml) is parsed into the `Config` dataclass tree below. Loading is strict,
+in the spirit of nanoGPT's configurator: an unknown key fails and names the closest valid key, a value of
+the wrong type or out of range fails and names its dotted key. Nothing is silently ignored, because a
+typo in `sft.learning_rate` that quietly trains with the default is the kind of mistake an RLHF run
+only reveals hours later.
+
+Every field carries a `help` string (shown by `python -m pipeline config --help-keys`) and, where it
+matters, bounds (`ge`, `gt`, `le`) that are checked at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the dotted key."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **checks: float) -> Any:
+    """A dataclass field with a help string and optional numeric bounds (ge/gt/le/lt)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where a stage's data comes from: a file, a folder, or a hub data set `owner/name[:split]`."""
+
+    train: str = _f(help="Training data: a .jsonl/.json/.parquet/.csv/.txt file, a folder, or a hub name.")
+    eval: str | None = _f(None, help="Held-out data in the same format; null skips held-out evaluation.")
+
+
+@dataclass(kw_only=True)
+class TinyModelConfig:
+    """Shape of the tiny GPT-2 built from scratch when `model.name_or_path` is null."""
+
+    n_layer: int = _f(4, help="Transformer blocks.", ge=1)
+    n_embd: int = _f(128, help="Hidden size; must be divisible by n_head.", ge=8)
+    n_head: int = _f(4, help="Attention heads.", ge=1)
+    n_positions: int = _f(256, help="Maximum sequence length the model can attend over.", ge=16)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.tiny.n_embd ({self.n_embd}) must be divisible by model.tiny.n_head ({self.n_head})"
+            )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name_or_path: str | None = _f(
+        None, help="Base model: a hub id (e.g. gpt2) or a local Hugging Face directory; null builds the tiny GPT-2."
+    )
+    tiny: TinyModelConfig = _f(factory=TinyModelConfig, help="Tiny GPT-2 shape (used when name_or_path is null).")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f(
+        "float32", help="Weights dtype when loading a pretrained model."
+    )
+    revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of name_or_path.")
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    name_or_path: str | None = _f(
+        None, help="Tokenizer hub id or directory; null: the model's own, or for the tiny model a new byte-level BPE."
+    )
+    train_data: str = _f(
+        "data/tiny/corpus.train.jsonl", help="Corpus the tiny byte-level BPE tokenizer is trained on."
+    )
+    vocab_size: int = _f(2048, help="Vocabulary size of the tiny BPE tokenizer (special tokens included).", ge=300)
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    report_to: list[str] = _f(
+        factory=list, help="Experiment trackers passed to the Trainer: [] (none), [wandb], [tensorboard]."
+    )
+    project: str = _f("rlhf-pipeline", help="W&B project.")
+    entity: str | None = _f(None, help="W&B entity (team or user); null uses your default.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimization knobs shared by the supervised stages (pretrain, sft)."""
+
+    epochs: float = _f(1.0, help="Passes over the training data (ignored when max_steps > 0).", gt=0)
+    max_steps: int = _f(-1, help="Stop after this many optimizer steps; -1 runs `epochs` epochs.", ge=-1)
+    batch_size: int = _f(16, help="Sequences per device per micro-batch.", ge=1)
+    grad_accum: int = _f(1, help="Micro-batches accumulated per optimizer step.", ge=1)
+    lr: float = _f(5e-4, help="Peak learning rate (AdamW).", gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
+        "cosine", help="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = _f(0.05, help="Fraction of steps spent warming the learning rate up.", ge=0, le=0.5)
+    weight_decay: float = _f(0.0, help="AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, help="Gradient clipping norm.", gt=0)
+    logging_steps: int = _f(10, help="Log training metrics every N optimizer steps.", ge=1)
+    eval_steps: int | None = _f(None, help="Evaluate every N steps; null evaluates only at the end.", ge=1)
+    save_steps: int = _f(100, help="Write a resumable training checkpoint every N optimizer steps.", ge=1)
+    save_total_limit: int = _f(2, help="Training checkpoints kept while the stage runs.", ge=1)
+    bf16: bool = _f(False, help="Mixed precision in bfloat16 (GPUs that support it).")
+    gradient_checkpointing: bool = _f(False, help="Trade compute for activation memory.")
+
+
+@dataclass(kw_only=True)
+class GenerationEvalConfig:
+    """Sampled generations on held-out prompts, scored by the gold reward when the profile has one."""
+
+    num_prompts: int = _f(96, help="Held-out prompts to sample (0 disables generation eval).", ge=0)
+    samples_per_prompt: int = _f(4, help="Samples per prompt (greedy decoding hides differences).", ge=1)
+    max_new_tokens: int = _f(24, help="Generation budget per sample.", ge=1)
+    temperature: float = _f(1.0, help="Sampling temperature.", gt=0)
+    batch_size: int = _f(64, help="Prompts per generation batch.", ge=1)
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Continued causal-LM pretraining on a corpus of `{"text": ...}` rows, packed into fixed blocks."""
+
+    data: DataConfig = _f(help="Corpus: train and held-out eval source.")
+    block_size: int = _f(128, help="Tokens per packed training block.", ge=8)
+
+
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations; loss on completion (assistant) tokens only."""
+
+    data: DataConfig = _f(help="Demonstrations: train and held-out eval source.")
+    init: str | None = _f(
+        None, help="Model to fine-tune: a directory or hub id; null = this profile's pretrain output."
+    )
+    max_length: int = _f(128, help="Longest tokenized prompt+completion; longer rows are truncated.", ge=8)
+    generation: GenerationEvalConfig = _f(
+        factory=GenerationEvalConfig, help="Sampled-generation eval of the initial and final model."
+    )
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole pipeline profile."""
+
+    profile: str = _f("", help="Profile name; defaults to the config file's stem (configs/tiny.yaml -> tiny).")
+    seed: int = _f(0, help="Seed for data order, initialisation and sampling.", ge=0)
+    run_dir: str = _f("", help="Where stage outputs go; defaults to runs/<profile>.")
+    gold_reward: Literal["tinytask"] | None = _f(
+        None, help="Gold reward that scores sampled generations (tinytask for the toy task; null for real data)."
+    )
+    model: ModelConfig = _f(factory=ModelConfig, help="Base model.")
+    tokenizer: TokenizerConfig = _f(factory=TokenizerConfig, help="Tokenizer.")
+    tracking: TrackingConfig = _f(factory=TrackingConfig, help="Experiment tracking.")
+    pretrain: PretrainConfig = _f(help="Stage 1: continued pretraining.")
+    sft: SFTConfig = _f(help="Stage 2: supervised fine-tuning.")
+
+    def stage_dir(self, stage: str) -> Path:
+        """The finished output directory of `stage` for this profile."""
+        return Path(self.run_dir) / stage
+
+
+STAGES = ("pretrain", "sft")
+
+# The top-level keys besides its own section that shape each stage's result. They decide when an
+# interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("seed", "model", "tokenizer"),
+    "sft": ("seed", "gold_reward"),
+}
+
+
+def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
+    """The part of the resolved config that determines `stage`'s output."""
+    d = to_dict(cfg)
+    return {k: d[k] for k in (*STAGE_INPUTS[stage], stage)}
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML profile, apply `dotted.key=value` overrides, and validate everything strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        _set_dotted(raw, key.strip(), _parse_scalar(value))
+    raw.setdefault("profile", path.stem)
+    cfg = build(Config, raw)
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.profile}"
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (saved in every stage's output)."""
+    return dataclasses.asdict(cfg)
+
+
+# transformers.TrainingArguments names -> our keys, for "did you mean" hints.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler",
+    "model_name_or_path": "name_or_path",
+    "max_seq_length": "max_length",
+}
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key, type and bound."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            # Match against our keys and the transformers names people type out of habit.
+            names = list(known) + [a for a, k in ALIASES.items() if k in known]
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            suggestion = ALIASES.get(close[0], close[0]) if close else None
+            hint = f"; did you mean '{prefix}{suggestion}'?" if suggestion else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        key = f"{prefix}{name}"
+        if name in raw:
+            value = _coerce(hints[name], raw[name], key)
+            _check_bounds(f, value, key)
+            kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key '{key}' ({f.metadata.get('help', '')})")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a __post_init__ cross-check
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}': {value!r} matches none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            if isinstance(value, str):  # `tracking.report_to=wandb` on the command line
+                value = [value]
+            else:
+                raise ConfigError(f"'{key}' must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept any spelling Python reads as a float.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"'{key}' must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for '{key}'")  # a bug in this module, not user input
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    meta = f.metadata
+    for op, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+    ):
+        if op in meta and not ok(value, meta[op]):
+            raise ConfigError(f"'{key}' must be {word} {meta[op]}, got {value!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (`3` int, `1e-4` float, `null`, `[a, b]`)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, help) for every key, for `python -m pipeline keys`."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, f"{prefix}{f.name}."))
+        else:
+            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            rows.append((f"{prefix}{f.name}", name, f.metadata.get("help", "")))
+    return rows

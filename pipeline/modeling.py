@@ -1,0 +1,174 @@
+"""Model and tokenizer loading: a hub id or local directory, or the tiny GPT-2 built from scratch.
+
+Two ways in:
+- `model.name_or_path` set (e.g. `gpt2`, or a directory written by `save_pretrained`): the real
+  `from_pretrained` path, exactly what a user with a hub model runs.
+- `model.name_or_path: null`: the tiny profile. A byte-level BPE tokenizer is trained on the shipped
+  corpus and a few-layer GPT-2 is initialised from scratch, so the whole pipeline runs offline on a CPU.
+
+Either way the tokenizer leaves here with a pad token distinct from nothing (EOS when the model has no
+pad token of its own) and a chat template with `{% generation %}` markers, so conversational SFT data
+can be trained on assistant turns only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from pipeline.config import ModelConfig, TokenizerConfig
+from pipeline.data import load_corpus
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# A minimal chat template for models that ship none (the tiny model, GPT-2). The assistant's content and
+# its EOS sit inside {% generation %} so TRL's assistant-only loss trains the model to stop; the prompt
+# rendered with add_generation_prompt=True is a prefix of the full conversation, which TRL requires.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be found or loaded; the message says what to do."""
+
+
+def build_tiny_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on the corpus named by `tokenizer.train_data`."""
+    corpus = load_corpus(cfg.train_data)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=[EOS, PAD, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus["text"], trainer=trainer, length=len(corpus))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
+    """A GPT-2 initialised from scratch, its embedding sized to the tokenizer (max id + 1)."""
+    vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.tiny.n_positions,
+        n_embd=cfg.tiny.n_embd,
+        n_layer=cfg.tiny.n_layer,
+        n_head=cfg.tiny.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    _sync_generation_config(model, tokenizer)
+    return model
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained` with a pad token and a chat template guaranteed."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer '{name_or_path}': {_first_line(e)}") from None
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        # GPT-2 and many base models have no pad token; EOS is the standard stand-in. Every loss here masks
+        # padding through the attention mask, so the stand-in never trains the model to stop early.
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: str = "float32", revision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a hub id or a local Hugging Face directory."""
+    tokenizer = load_tokenizer(name_or_path, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}") from None
+    _sync_generation_config(model, tokenizer)
+    return model, tokenizer
+
+
+def load_base(model_cfg: ModelConfig, tok_cfg: TokenizerConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The pipeline's starting point: the configured hub/local model, or a fresh tiny GPT-2."""
+    if model_cfg.name_or_path is None:
+        tokenizer = (
+            load_tokenizer(tok_cfg.name_or_path) if tok_cfg.name_or_path else build_tiny_tokenizer(tok_cfg)
+        )
+        model = build_tiny_model(model_cfg, tokenizer)
+        log.info("built tiny GPT-2: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
+        return model, tokenizer
+    model, tokenizer = load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision)
+    if tok_cfg.name_or_path:
+        tokenizer = load_tokenizer(tok_cfg.name_or_path)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
+def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a previous stage's output, with an error that says which `make` target builds it."""
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith((".", "runs/")) or p.exists()
+    if looks_local and not (p / "config.json").is_file():
+        how = f": build it with `make {make_target}`" if make_target else ""
+        raise ModelLoadError(f"no finished model at {p}{how}")
+    return load_causal_lm(str(path))
+
+
+def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    # generate() must stop at our EOS and pad with our pad token, whatever the checkpoint had.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,121 @@
+"""Stage 1, pretrain: continued causal-LM pretraining of the base model on a text corpus.
+
+setup → train → save:
+  1. validate the corpus (train and held-out) before anything else runs;
+  2. load the base model (hub id / local directory) or build the tiny GPT-2 and its tokenizer;
+  3. tokenize, append EOS to every document, and pack everything into fixed-length blocks;
+  4. train with the transformers Trainer, resuming from the stage's last checkpoint if one exists;
+  5. evaluate held-out loss and perplexity, then write the Hugging Face directory atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from itertools import chain
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import set_seed as hf_set_seed
+
+from pipeline.checkpoint import StageOutput, build_summary
+from pipeline.config import Config, ConfigError, stage_key, to_dict
+from pipeline.data import load_corpus
+from pipeline.modeling import load_base
+from pipeline.training import final_metrics, trainer_kwargs, write_log_history
+
+log = logging.getLogger(__name__)
+STAGE = "pretrain"
+
+
+def pack_corpus(corpus: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> Dataset:
+    """Tokenize every document, end it with EOS, concatenate, and cut into `block_size`-token blocks.
+
+    The trailing remainder shorter than a block is dropped (as in transformers' run_clm). Labels equal the
+    inputs: the model shifts them internally.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids]}
+
+    def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        flat = list(chain.from_iterable(batch["ids"]))
+        n = (len(flat) // block_size) * block_size
+        blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokenized = corpus.map(tokenize, batched=True, remove_columns=corpus.column_names, desc="Tokenizing corpus")
+    packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc="Packing blocks")
+    if len(packed) == 0:
+        raise ConfigError(
+            f"the corpus has fewer than pretrain.block_size={block_size} tokens: nothing to train on"
+        )
+    return packed
+
+
+def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    started = time.time()
+    p = cfg.pretrain
+    hf_set_seed(cfg.seed)
+
+    # 1. Data first: a malformed row fails here, before a model is built or a directory written.
+    train_corpus = load_corpus(p.data.train)
+    eval_corpus = load_corpus(p.data.eval) if p.data.eval else None
+
+    # 2. Base model and tokenizer.
+    model, tokenizer = load_base(cfg.model, cfg.tokenizer)
+    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if max_pos and p.block_size > max_pos:
+        raise ConfigError(f"'pretrain.block_size' ({p.block_size}) exceeds the model's context ({max_pos})")
+
+    # 3. Packed blocks.
+    train_ds = pack_corpus(train_corpus, tokenizer, p.block_size)
+    eval_ds = pack_corpus(eval_corpus, tokenizer, p.block_size) if eval_corpus is not None else None
+    log.info("pretrain: %d train blocks, %s eval blocks of %d tokens", len(train_ds),
+             len(eval_ds) if eval_ds is not None else 0, p.block_size)
+
+    # 4. Train (the Trainer places devices and handles `accelerate launch` on N processes).
+    args = TrainingArguments(**trainer_kwargs(cfg, p, _output(cfg).checkpoints_dir, eval_ds is not None))
+    out = _output(cfg, is_main=args.process_index == 0)
+    resume_from = out.prepare()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # 5. Evaluate and save atomically.
+    metrics: dict[str, Any] = final_metrics(trainer)
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval/loss"] = ev["eval_loss"]
+        metrics["eval/perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+    metrics["model/parameters"] = model.num_parameters()
+    staging = out.begin_final()
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # on every process: FSDP/ZeRO-3 gather the weights collectively
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        write_log_history(trainer, staging / "log_history.jsonl")
+        out.commit(build_summary(STAGE, to_dict(cfg), metrics, started, resumed_from=resume_from,
+                                 train_blocks=len(train_ds)))
+        log.info("pretrain: wrote %s (%s)", out.final_dir, _fmt(metrics))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _output(cfg: Config, is_main: bool = True) -> StageOutput:
+    return StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE), is_main=is_main)
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,130 @@
+"""Stage 2, sft: supervised fine-tuning on demonstrations, with loss on the completion only.
+
+setup → train → save:
+  1. validate the demonstrations (train and held-out) before anything else runs;
+  2. load the starting model: this profile's pretrain output unless `sft.init` names another;
+  3. measure the starting model once (held-out loss under the same completion-only masking, and the
+     gold score of sampled completions), so the summary shows what SFT bought;
+  4. train with TRL's SFTTrainer: prompt-completion rows get completion-only loss, conversational rows
+     assistant-only loss through the chat template's {% generation %} markers; resume if interrupted;
+  5. measure the fine-tuned model the same way and write the Hugging Face directory atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers import set_seed as hf_set_seed
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from pipeline.checkpoint import StageOutput, build_summary
+from pipeline.config import Config, ConfigError, stage_key, to_dict
+from pipeline.data import load_demonstrations
+from pipeline.evaluation import generation_eval, gold_function
+from pipeline.modeling import load_stage_model
+from pipeline.training import final_metrics, trainer_kwargs, write_log_history
+
+log = logging.getLogger(__name__)
+STAGE = "sft"
+
+
+def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    started = time.time()
+    s = cfg.sft
+    hf_set_seed(cfg.seed)
+
+    # 1. Data first: a malformed row fails here, before a model is loaded or a directory written.
+    train_ds = load_demonstrations(s.data.train)
+    eval_ds = load_demonstrations(s.data.eval) if s.data.eval else None
+    conversational = "messages" in train_ds.column_names
+    if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
+        raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
+
+    # 2. Starting model.
+    init = s.init or str(cfg.stage_dir("pretrain"))
+    model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None)
+    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if max_pos and s.max_length > max_pos:
+        raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
+
+    args = TRLSFTConfig(
+        **trainer_kwargs(cfg, s, _output(cfg).checkpoints_dir, eval_ds is not None),
+        max_length=s.max_length,
+        packing=False,
+        completion_only_loss=None if conversational else True,
+        assistant_only_loss=conversational,
+    )
+    out = _output(cfg, is_main=args.process_index == 0)
+    resume_from = out.prepare()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    gold = gold_function(cfg.gold_reward)
+    eval_rows = list(eval_ds) if eval_ds is not None else []
+
+    def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
+        metrics: dict[str, float] = {}
+        if eval_ds is not None:
+            metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
+            gen, samples = generation_eval(
+                unwrapped, tokenizer, _unique_prompts(eval_rows), s.generation, gold, trainer.accelerator, cfg.seed
+            )
+        metrics.update({f"eval/{k}": v for k, v in gen.items()})
+        log.info("sft: %s model: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics, samples
+
+    # 3. The starting model, measured once (a resumed run reads the numbers saved before the interruption).
+    baseline = out.load_baseline()
+    if baseline is None:
+        baseline, _ = measure("initial")
+        out.save_baseline(baseline)
+
+    # 4. Train.
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # 5. Measure the fine-tuned model and save atomically.
+    after, samples = measure("fine-tuned")
+    metrics: dict[str, Any] = {**final_metrics(trainer), **after}
+    metrics.update({f"{k}_init": v for k, v in baseline.items()})
+    staging = out.begin_final()
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        write_log_history(trainer, staging / "log_history.jsonl")
+        with open(staging / "samples.jsonl", "w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+        out.commit(build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
+                                 conversational=conversational))
+        log.info("sft: wrote %s", out.final_dir)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _unique_prompts(rows: list[dict]) -> list[dict]:
+    """One row per distinct prompt, in file order (demonstrations may repeat a prompt)."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        key = row["prompt"] if "prompt" in row and row["prompt"] is not None else json.dumps(row["messages"][:-1])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def _output(cfg: Config, is_main: bool = True) -> StageOutput:
+    return StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE), is_main=is_main)

@@ -1,0 +1,67 @@
+"""What the supervised stages share: Trainer arguments from a typed config, and the stage's metric log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+
+from pipeline.config import Config, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments for `transformers.TrainingArguments` (or TRL's SFTConfig) from our config.
+
+    The Trainer's own checkpoints go to the stage's work directory; `save_only_model` stays off so they
+    hold optimizer, scheduler, RNG and data position and a resumed run continues exactly.
+    """
+    eval_strategy = "steps" if (has_eval and train.eval_steps) else "no"
+    return {
+        "output_dir": str(output_dir),
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.batch_size,
+        "per_device_eval_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "learning_rate": train.lr,
+        "lr_scheduler_type": train.lr_scheduler,
+        "warmup_steps": train.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the total steps
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "logging_steps": train.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": eval_strategy,
+        "eval_steps": train.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": train.save_total_limit,
+        "bf16": train.bf16,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "report_to": cfg.tracking.report_to or "none",
+        "run_name": f"{cfg.profile}-{Path(output_dir).parent.name.removesuffix('.partial')}",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+    }
+
+
+def write_log_history(trainer: Trainer, path: Path) -> None:
+    """Every metric the Trainer logged, one JSON object per line (what `make report` plots)."""
+    with open(path, "w") as f:
+        for row in trainer.state.log_history:
+            f.write(json.dumps(row) + "\n")
+
+
+def final_metrics(trainer: Trainer) -> dict[str, float]:
+    """Last training loss and step count from the Trainer's state."""
+    train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {
+        "train/global_step": trainer.state.global_step,
+        "train/loss": train_losses[-1] if train_losses else float("nan"),
+    }
