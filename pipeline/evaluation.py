@@ -44,7 +44,7 @@ def gold_function(name: str | None) -> GoldFn | None:
 
 def render_prompt(row: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     """(model input text, plain prompt for the gold reward) of a prompt-completion or messages row."""
-    if "messages" in row and row["messages"]:
+    if row.get("messages"):
         messages = list(row["messages"])
         if messages[-1]["role"] == "assistant":  # a demonstration: the prompt is everything before the answer
             messages = messages[:-1]

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
 
 from pipeline.config import Config, TrainConfig
@@ -43,10 +44,11 @@ def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: 
         "save_steps": train.save_steps,
         "save_total_limit": train.save_total_limit,
         "bf16": train.bf16,
-        "gradient_checkpointing": train.gradient_checkpointing,
+        "activation_checkpointing": train.gradient_checkpointing,
         "report_to": cfg.tracking.report_to or "none",
         "run_name": f"{cfg.profile}-{Path(output_dir).parent.name.removesuffix('.partial')}",
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,
     }
 

@@ -17,7 +17,13 @@ from itertools import chain
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 from transformers import set_seed as hf_set_seed
 
 from pipeline.checkpoint import StageOutput, build_summary
@@ -40,7 +46,7 @@ def pack_corpus(corpus: Dataset, tokenizer: PreTrainedTokenizerBase, block_size:
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+        return {"ids": [[*x, eos] for x in ids]}
 
     def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
         flat = list(chain.from_iterable(batch["ids"]))

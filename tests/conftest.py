@@ -1,0 +1,67 @@
+"""Shared fixtures: small slices of the shipped tiny data, and tiny-profile configs pointed at a temp run dir."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "data" / "tiny"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def head(src: Path, dst: Path, n: int) -> Path:
+    """The first n rows of a jsonl file."""
+    lines = src.read_text().splitlines()[:n]
+    dst.write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Slices of data/tiny small enough for second-scale stage runs."""
+    d = tmp_path_factory.mktemp("data")
+    return {
+        "corpus_train": head(TINY / "corpus.train.jsonl", d / "corpus.train.jsonl", 1500),
+        "corpus_eval": head(TINY / "corpus.eval.jsonl", d / "corpus.eval.jsonl", 100),
+        "demos_train": head(TINY / "demos.train.jsonl", d / "demos.train.jsonl", 200),
+        "demos_eval": head(TINY / "demos.eval.jsonl", d / "demos.eval.jsonl", 40),
+    }
+
+
+@pytest.fixture
+def make_config(small_data: dict[str, Path], tmp_path: Path) -> Callable[..., Config]:
+    """A tiny-profile config on the small data slices, writing under tmp_path, with extra overrides."""
+
+    def make(*overrides: str, run_dir: Path | None = None, profile: str = "tiny") -> Config:
+        base = [
+            f"run_dir={run_dir or tmp_path / 'runs'}",
+            f"tokenizer.train_data={small_data['corpus_train']}",
+            f"pretrain.data.train={small_data['corpus_train']}",
+            f"pretrain.data.eval={small_data['corpus_eval']}",
+            f"sft.data.train={small_data['demos_train']}",
+            f"sft.data.eval={small_data['demos_eval']}",
+            "model.tiny.n_layer=2",
+            "model.tiny.n_embd=64",
+            "tokenizer.vocab_size=600",
+            "pretrain.max_steps=6",
+            "pretrain.batch_size=8",
+            "pretrain.block_size=64",
+            "pretrain.logging_steps=1",
+            "sft.max_steps=6",
+            "sft.batch_size=8",
+            "sft.logging_steps=1",
+            "sft.generation.num_prompts=8",
+            "sft.generation.samples_per_prompt=2",
+            "sft.generation.max_new_tokens=8",
+        ]
+        return load_config(ROOT / "configs" / f"{profile}.yaml", [*base, *overrides])
+
+    return make

@@ -1,0 +1,158 @@
+"""Stage behaviour on second-scale runs: outputs load in the next stage, interrupted runs resume exactly,
+bad input fails before anything is written, and the gpt2 profile's from_pretrained path works."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from pipeline.__main__ import main
+from pipeline.config import Config
+from pipeline.modeling import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
+from pipeline.stages import pretrain, sft
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_pretrain_then_sft_outputs_load_and_generate(make_config: Callable[..., Config]) -> None:
+    cfg = make_config()
+    pretrain.run(cfg)
+    sft.run(cfg)
+    out = cfg.stage_dir("sft")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == "sft" and summary["seed"] == 0
+    assert summary["config"]["sft"]["max_steps"] == 6  # the resolved config, overrides applied
+    assert {"torch", "transformers", "trl"} <= set(summary["versions"])
+    for key in ("eval/loss", "eval/loss_init", "eval/gold_score", "eval/gold_score_init", "eval/eos_rate"):
+        assert key in summary["metrics"], key
+    assert summary["wall_time_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tokenizer("count to three\n", return_tensors="pt")
+    gen = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert gen.shape[1] > enc["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(gen[0]), str)
+    assert not (out.parent / "sft.partial").exists() and not (out.parent / "pretrain.partial").exists()
+
+
+class CountSteps(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+class Interrupt(TrainerCallback):
+    """Simulates Ctrl-C / a preempted job at a given optimizer step."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_stage_leaves_nothing_finished_and_resumes_exactly(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    overrides = ("pretrain.max_steps=8", "pretrain.save_steps=4", "pretrain.data.eval=null")
+    reference = make_config(*overrides, run_dir=tmp_path / "uninterrupted")
+    pretrain.run(reference)
+
+    cfg = make_config(*overrides, run_dir=tmp_path / "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(cfg, callbacks=[Interrupt(at_step=6)])
+    final = cfg.stage_dir("pretrain")
+    assert not final.exists(), "an interrupted stage must not leave an output a later stage could take as finished"
+    assert (final.parent / "pretrain.partial" / "checkpoints" / "checkpoint-4").is_dir()
+    # The next stage refuses to start from it, and says which target builds it.
+    assert main(["sft", "--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'interrupted'}"]) == 2
+
+    counter = CountSteps()
+    pretrain.run(cfg, callbacks=[counter])  # run again: resumes from checkpoint-4
+    assert counter.steps == [5, 6, 7, 8], "the rerun must continue after the checkpoint, not start over"
+    summary = json.loads((final / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    assert not (final.parent / "pretrain.partial").exists()
+    resumed, uninterrupted = losses(final), losses(reference.stage_dir("pretrain"))
+    assert set(resumed) >= {5, 6, 7, 8}
+    for step in (5, 6, 7, 8):  # same data order, RNG and optimizer state as the uninterrupted run
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
+
+
+def test_resume_with_a_changed_config_is_refused(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    cfg = make_config("pretrain.max_steps=8", "pretrain.save_steps=4", run_dir=tmp_path / "r")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(cfg, callbacks=[Interrupt(at_step=5)])
+    changed = make_config("pretrain.max_steps=8", "pretrain.save_steps=4", "pretrain.lr=1e-5", run_dir=tmp_path / "r")
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"different config \(changed: pretrain\.lr\)"):
+        pretrain.run(changed)
+
+
+def test_bad_demonstration_fails_before_anything_is_written(
+    small_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "demos.jsonl"
+    bad.write_text('{"prompt": "count to two\\n", "completion": "one two"}\n{"prompt": "list two fruits\\n"}\n')
+    runs = tmp_path / "runs"
+    code = main(["sft", "--config", "configs/tiny.yaml", f"run_dir={runs}", f"sft.data.train={bad}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "demos.jsonl" in err and "row 2" in err and "completion" in err
+    assert "Traceback" not in err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_missing_previous_stage_names_the_make_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sft", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}"])
+    assert code == 2
+    assert "make pretrain PROFILE=tiny" in capsys.readouterr().err
+
+
+def gpt2_like_directory(path: Path, small_data: dict[str, Path]) -> Path:
+    """A local directory in the format of the hub's `gpt2`: no pad token, no chat template."""
+    from pipeline.config import load_config
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"tokenizer.train_data={small_data['corpus_train']}", "tokenizer.vocab_size=600",
+         "model.tiny.n_layer=1", "model.tiny.n_embd=32", "model.tiny.n_head=2"],
+    )
+    tokenizer = build_tiny_tokenizer(cfg.tokenizer)
+    model = build_tiny_model(cfg.model, tokenizer)
+    tokenizer.pad_token = None
+    tokenizer.chat_template = None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_gpt2_profile_loads_a_local_directory_through_from_pretrained(
+    make_config: Callable[..., Config], small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    local = gpt2_like_directory(tmp_path / "gpt2-local", small_data)
+    cfg = make_config(f"model.name_or_path={local}", "pretrain.block_size=64", "sft.max_length=64",
+                      "pretrain.max_steps=2", "sft.max_steps=2", profile="gpt2")
+    assert cfg.profile == "gpt2" and cfg.model.name_or_path == str(local)
+    pretrain.run(cfg)
+    out = cfg.stage_dir("pretrain")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == tokenizer.eos_token  # GPT-2 has no pad token: EOS stands in
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    sft.run(cfg)
+    model = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft"))
+    assert model.config.n_embd == 32
+    assert torch.isfinite(torch.tensor(json.loads((cfg.stage_dir("sft") / "summary.json").read_text())
+                                       ["metrics"]["eval/loss"]))
