@@ -22,9 +22,6 @@ import yaml
 
 from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_key, to_dict
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp"],
@@ -39,22 +36,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<36} {tp:<28} {help_}")
         return 0
 
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.command == "stamp":
+        write_stamps(cfg)
+        return 0
+
+    # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
     from pipeline.data import DataError
     from pipeline.modeling import ModelLoadError
 
-    errors = (*USER_ERRORS, DataError, ModelLoadError)
+    _setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return 0
-        if args.command == "stamp":
-            write_stamps(cfg)
-            return 0
-        _setup_logging()
         stage = importlib.import_module(f"pipeline.stages.{args.command}")
         stage.run(cfg)
-    except errors as e:
+    except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
