@@ -53,16 +53,16 @@ $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pi
 
 FORCE:
 
-test: $(STAMP)  ## fast test suite, including a shortened end-to-end chain (~minutes on 2 CPU cores)
+test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)  ## every test, the slow end-to-end ones included
 	$(PY) -m pytest -q -m ""
 
 lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff check $(wildcard pipeline tests bench)
 
-clean-stages:  ## remove this profile's stage outputs (runs/$(PROFILE))
+clean-stages:  ## remove the stage outputs of PROFILE (runs/<PROFILE>)
 	rm -rf $(RUN)
 
 clean:  ## remove all run outputs, caches and the virtual environment

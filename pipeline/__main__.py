@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_key, to_dict
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp"],

@@ -156,3 +156,25 @@ def test_gpt2_profile_loads_a_local_directory_through_from_pretrained(
     assert model.config.n_embd == 32
     assert torch.isfinite(torch.tensor(json.loads((cfg.stage_dir("sft") / "summary.json").read_text())
                                        ["metrics"]["eval/loss"]))
+
+
+def test_interrupted_sft_resumes_and_keeps_the_baseline_of_the_starting_model(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    cfg = make_config("sft.max_steps=6", "sft.save_steps=3", run_dir=tmp_path / "r")
+    pretrain.run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, callbacks=[Interrupt(at_step=4)])
+    work = cfg.stage_dir("sft").with_name("sft.partial")
+    assert not cfg.stage_dir("sft").exists()
+    baseline = json.loads((work / "baseline.json").read_text())
+    assert "eval/loss" in baseline and "eval/gold_score" in baseline
+
+    counter = CountSteps()
+    sft.run(cfg, callbacks=[counter])
+    assert counter.steps == [4, 5, 6]
+    metrics = json.loads((cfg.stage_dir("sft") / "summary.json").read_text())["metrics"]
+    # The "before SFT" numbers are the starting model's, measured before the interruption, not the
+    # half-trained model the resumed run loaded.
+    assert metrics["eval/loss_init"] == baseline["eval/loss"]
+    assert not work.exists()
