@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 DATA := $(wildcard data/$(PROFILE)/*.jsonl)
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft summary test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pi
 	$(LAUNCH) pipeline sft --config $(CONFIG) $(ARGS)
 
 FORCE:
+
+summary: $(STAMP)  ## print the final metrics of this profile's finished stages
+	@$(PY) -m pipeline summary --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q

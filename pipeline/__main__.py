@@ -25,8 +25,9 @@ from pipeline.config import STAGES, Config, ConfigError, describe, load_config, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp"],
+    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
+                        "summary (final metrics of the profile's finished stages), "
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stamp":
         write_stamps(cfg)
         return 0
+    if args.command == "summary":
+        return print_summary(cfg)
 
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
     from pipeline.data import DataError
@@ -80,6 +83,22 @@ def write_stamps(cfg: Config) -> None:
         text = json.dumps(stage_key(cfg, stage), indent=1, sort_keys=True) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
+
+
+def print_summary(cfg: Config) -> int:
+    """Print the final metrics of every finished stage of the profile (what the README's tables quote)."""
+    found = 0
+    for stage in STAGES:
+        path = cfg.stage_dir(stage) / "summary.json"
+        if not path.is_file():
+            print(f"{stage}: not built (make {stage} PROFILE={cfg.profile})")
+            continue
+        found += 1
+        summary = json.loads(path.read_text())
+        print(f"{stage}: {path.parent}  (wall time {summary['wall_time_s']:.0f} s, seed {summary['seed']})")
+        for key, value in summary["metrics"].items():
+            print(f"  {key:<32} {value:.4f}" if isinstance(value, float) else f"  {key:<32} {value}")
+    return 0 if found else 1
 
 
 def _setup_logging() -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.__main__ import main
 from pipeline.tinytask import gold_score
 
 
-def test_tiny_profile_sft_beats_pretrain_on_held_out_loss_and_gold(tmp_path: Path) -> None:
+def test_tiny_profile_sft_beats_pretrain_on_held_out_loss_and_gold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "runs"
     for stage in ("pretrain", "sft"):
         assert main([stage, "--config", "configs/tiny.yaml", f"run_dir={run}"]) == 0
@@ -30,6 +33,11 @@ def test_tiny_profile_sft_beats_pretrain_on_held_out_loss_and_gold(tmp_path: Pat
     # Sampled completions of held-out prompts, scored by the gold reward.
     assert m["eval/gold_score"] > m["eval/gold_score_init"] + 0.3, m
     assert m["eval/eos_rate"] > 0.9, m
+    # `make summary` prints these numbers.
+    capsys.readouterr()
+    assert main(["summary", "--config", "configs/tiny.yaml", f"run_dir={run}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"eval/gold_score                  {m['eval/gold_score']:.4f}" in printed
 
     # The output is a plain Hugging Face directory that generates answers the gold reward recognises.
     model = AutoModelForCausalLM.from_pretrained(run / "sft")
