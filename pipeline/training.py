@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: 
         "activation_checkpointing": train.gradient_checkpointing,
         "report_to": cfg.tracking.report_to or "none",
         "run_name": f"{cfg.profile}-{Path(output_dir).parent.name.removesuffix('.partial')}",
+        # N processes on a machine without CUDA (`torchrun --nproc_per_node N -m pipeline ...`) is
+        # data-parallel CPU training over gloo; transformers only sets that up when told to use the CPU.
+        "use_cpu": int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,

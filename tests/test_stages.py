@@ -178,3 +178,37 @@ def test_interrupted_sft_resumes_and_keeps_the_baseline_of_the_starting_model(
     # half-trained model the resumed run loaded.
     assert metrics["eval/loss_init"] == baseline["eval/loss"]
     assert not work.exists()
+
+
+def test_two_processes_shard_the_data_gather_the_eval_and_write_once(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """`torchrun --nproc_per_node 2` on the CPU: the same code path as N GPUs under `accelerate launch`."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs"
+    overrides = [
+        f"run_dir={run}", f"tokenizer.train_data={small_data['corpus_train']}", "tokenizer.vocab_size=600",
+        f"pretrain.data.train={small_data['corpus_train']}", f"pretrain.data.eval={small_data['corpus_eval']}",
+        f"sft.data.train={small_data['demos_train']}", f"sft.data.eval={small_data['demos_eval']}",
+        "model.tiny.n_layer=1", "model.tiny.n_embd=32", "model.tiny.n_head=2", "pretrain.block_size=64",
+        "pretrain.max_steps=4", "pretrain.batch_size=4", "sft.max_steps=4", "sft.batch_size=4",
+        "sft.generation.num_prompts=6", "sft.generation.samples_per_prompt=2", "sft.generation.max_new_tokens=6",
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    for stage in ("pretrain", "sft"):
+        proc = subprocess.run([*launcher, "-m", "pipeline", stage, "--config", "configs/tiny.yaml", *overrides],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "sft" / "summary.json").read_text())
+    log = [json.loads(line) for line in (run / "pretrain" / "log_history.jsonl").read_text().splitlines()]
+    blocks = json.loads((run / "pretrain" / "summary.json").read_text())["train_blocks"]
+    # 4 steps x 4 blocks x 2 processes: each process saw its own shard.
+    assert log[-1]["epoch"] == pytest.approx(4 * 4 * 2 / blocks, rel=0.01)
+    # Every process sampled its share of the 6 distinct held-out prompts; the main process wrote them all.
+    samples = (run / "sft" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 6 * 2
+    assert len({json.loads(s)["prompt"] for s in samples}) == 6
+    assert 0.0 <= summary["metrics"]["eval/gold_score"] <= 1.0
+    assert not (run / "sft.partial").exists()
