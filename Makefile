@@ -19,7 +19,6 @@ TORCH_INDEX ?=
 CONFIG := configs/$(PROFILE).yaml
 RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
-DATA := $(wildcard data/$(PROFILE)/*.jsonl)
 
 .DEFAULT_GOAL := help
 .PHONY: FORCE help install pretrain sft summary test test-all lint clean clean-stages
@@ -40,12 +39,12 @@ install: $(STAMP)  ## create .venv and install torch + the pipeline (done automa
 pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
 
-# Per-stage config stamps: rewritten only when that stage's part of the resolved config (profile + ARGS)
-# changes, so a new sft.lr rebuilds sft but not pretrain.
+# Per-stage stamps: rewritten only when that stage's part of the resolved config (profile + ARGS) or its
+# data files change, so a new sft.lr rebuilds sft but not pretrain.
 $(RUN)/.stamps/%.json: FORCE $(STAMP)
 	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS)
 
-$(RUN)/pretrain/summary.json: $(RUN)/.stamps/pretrain.json $(DATA) pipeline/stages/pretrain.py
+$(RUN)/pretrain/summary.json: $(RUN)/.stamps/pretrain.json pipeline/stages/pretrain.py
 	$(LAUNCH) pipeline pretrain --config $(CONFIG) $(ARGS)
 
 $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pipeline/stages/sft.py

@@ -74,15 +74,39 @@ def write_stamps(cfg: Config) -> None:
     """Write runs/<profile>/.stamps/<stage>.json, touching a file only when that stage's inputs changed.
 
     The Makefile makes each stage depend on its stamp, so editing `sft.lr` in the profile (or passing
-    ARGS="sft.lr=...") rebuilds sft and what follows, but not pretrain.
+    ARGS="sft.lr=...") rebuilds sft and what follows, but not pretrain. A stamp also records the size and
+    modification time of the stage's local data files, so replacing a data file rebuilds its stage.
     """
     stamps = Path(cfg.run_dir) / ".stamps"
     stamps.mkdir(parents=True, exist_ok=True)
     for stage in STAGES:
+        key = stage_key(cfg, stage)
+        key["data_files"] = _fingerprints(_data_sources(cfg, stage))
         path = stamps / f"{stage}.json"
-        text = json.dumps(stage_key(cfg, stage), indent=1, sort_keys=True) + "\n"
+        text = json.dumps(key, indent=1, sort_keys=True) + "\n"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
+
+
+def _data_sources(cfg: Config, stage: str) -> list[str]:
+    section = getattr(cfg, stage)
+    sources = [section.data.train, section.data.eval]
+    if stage == "pretrain" and cfg.model.name_or_path is None and cfg.tokenizer.name_or_path is None:
+        sources.append(cfg.tokenizer.train_data)  # the tiny tokenizer is trained on it
+    return [s for s in sources if s]
+
+
+def _fingerprints(sources: list[str]) -> dict[str, list[int]]:
+    """(size, mtime) of every local file behind the sources; hub names have none."""
+    out: dict[str, list[int]] = {}
+    for source in sources:
+        path = Path(source)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                out[str(f)] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def print_summary(cfg: Config) -> int:

@@ -76,7 +76,6 @@ def build_tiny_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         eos_token=EOS,
         bos_token=EOS,
-        unk_token=EOS,
         pad_token=PAD,
         additional_special_tokens=list(ROLE_TOKENS),
         model_max_length=1024,
