@@ -161,6 +161,12 @@ def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[
     return load_causal_lm(str(path))
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """How many positions the model can attend over (GPT-2 `n_positions`, most others `max_position_embeddings`)."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     # generate() must stop at our EOS and pad with our pad token, whatever the checkpoint had.
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedTokenizerBase, Trainer
 
+from pipeline.checkpoint import StageOutput
 from pipeline.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,31 @@ def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: 
     }
 
 
-def write_log_history(trainer: Trainer, path: Path) -> None:
-    """Every metric the Trainer logged, one JSON object per line (what `make report` plots)."""
-    with open(path, "w") as f:
-        for row in trainer.state.log_history:
-            f.write(json.dumps(row) + "\n")
+def save_stage_output(
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    out: StageOutput,
+    summary: dict[str, Any],
+    jsonl_files: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """Write the finished stage: weights on every process, the rest on the main one, then the atomic swap.
+
+    `save_model` runs on every process because under FSDP / ZeRO-3 gathering the weights is collective.
+    Beside the model and tokenizer go `log_history.jsonl` (every logged metric) and any extra jsonl files;
+    summary.json is written last and the directory renamed into place by `StageOutput.commit`.
+    """
+    staging = out.begin_final()
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        files = {"log_history.jsonl": trainer.state.log_history, **(jsonl_files or {})}
+        for name, rows in files.items():
+            with open(staging / name, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        out.commit(summary)
+    trainer.accelerator.wait_for_everyone()
 
 
 def final_metrics(trainer: Trainer) -> dict[str, float]:

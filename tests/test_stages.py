@@ -212,3 +212,30 @@ def test_two_processes_shard_the_data_gather_the_eval_and_write_once(
     assert len({json.loads(s)["prompt"] for s in samples}) == 6
     assert 0.0 <= summary["metrics"]["eval/gold_score"] <= 1.0
     assert not (run / "sft.partial").exists()
+
+
+def test_rerun_replaces_a_finished_output_and_clears_a_half_written_one(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    first = make_config("pretrain.max_steps=2", run_dir=tmp_path / "r")
+    pretrain.run(first)
+    # A previous attempt that died while writing its final directory left junk in the staging area.
+    junk = first.stage_dir("pretrain").with_name("pretrain.partial") / "final" / "stale-shard.safetensors"
+    junk.parent.mkdir(parents=True)
+    junk.write_text("half-written")
+    second = make_config("pretrain.max_steps=3", run_dir=tmp_path / "r")
+    pretrain.run(second)
+    out = second.stage_dir("pretrain")
+    assert json.loads((out / "summary.json").read_text())["metrics"]["train/global_step"] == 3
+    assert not (out / junk.name).exists()  # the staging area was cleared before the new output was written
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pretrain"]  # no .partial, no .old
+
+
+def test_block_size_beyond_the_model_context_is_a_config_error(make_config: Callable[..., Config]) -> None:
+    from pipeline.config import ConfigError
+
+    cfg = make_config("pretrain.block_size=512")  # the tiny model has 256 positions
+    with pytest.raises(ConfigError, match=r"'pretrain\.block_size' \(512\) exceeds the model's context \(256\)"):
+        pretrain.run(cfg)
+    assert not cfg.stage_dir("pretrain").with_name("pretrain.partial").exists()

@@ -29,8 +29,8 @@ from transformers import set_seed as hf_set_seed
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus
-from pipeline.modeling import load_base
-from pipeline.training import final_metrics, trainer_kwargs, write_log_history
+from pipeline.modeling import context_length, load_base
+from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -74,7 +74,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Base model and tokenizer.
     model, tokenizer = load_base(cfg.model, cfg.tokenizer)
-    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_pos = context_length(model)
     if max_pos and p.block_size > max_pos:
         raise ConfigError(f"'pretrain.block_size' ({p.block_size}) exceeds the model's context ({max_pos})")
 
@@ -106,16 +106,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         metrics["eval/loss"] = ev["eval_loss"]
         metrics["eval/perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
     metrics["model/parameters"] = model.num_parameters()
-    staging = out.begin_final()
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # on every process: FSDP/ZeRO-3 gather the weights collectively
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(staging))
-        write_log_history(trainer, staging / "log_history.jsonl")
-        out.commit(build_summary(STAGE, to_dict(cfg), metrics, started, resumed_from=resume_from,
-                                 train_blocks=len(train_ds)))
-        log.info("pretrain: wrote %s (%s)", out.final_dir, _fmt(metrics))
-    trainer.accelerator.wait_for_everyone()
+    save_stage_output(trainer, tokenizer, out, build_summary(
+        STAGE, to_dict(cfg), metrics, started, resumed_from=resume_from, train_blocks=len(train_ds)))
+    log.info("pretrain: wrote %s (%s)", out.final_dir, _fmt(metrics))
     return metrics
 
 

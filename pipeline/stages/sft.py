@@ -27,8 +27,8 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_demonstrations
 from pipeline.evaluation import generation_eval, gold_function
-from pipeline.modeling import load_stage_model
-from pipeline.training import final_metrics, trainer_kwargs, write_log_history
+from pipeline.modeling import context_length, load_stage_model
+from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -49,7 +49,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
     model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None)
-    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
 
@@ -98,19 +98,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     after, samples = measure("fine-tuned")
     metrics: dict[str, Any] = {**final_metrics(trainer), **after}
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
-    staging = out.begin_final()
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(staging))
-        write_log_history(trainer, staging / "log_history.jsonl")
-        with open(staging / "samples.jsonl", "w") as f:
-            for row in samples:
-                f.write(json.dumps(row) + "\n")
-        out.commit(build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
-                                 conversational=conversational))
-        log.info("sft: wrote %s", out.final_dir)
-    trainer.accelerator.wait_for_everyone()
+    summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
+                            conversational=conversational)
+    save_stage_output(trainer, tokenizer, out, summary, {"samples.jsonl": samples})
+    log.info("sft: wrote %s", out.final_dir)
     return metrics
 
 
