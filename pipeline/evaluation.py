@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import GenerationEvalConfig
@@ -61,6 +62,7 @@ def sample_completions(
     prompts: Sequence[str],
     cfg: GenerationEvalConfig,
     seed: int,
+    show_progress: bool = True,
 ) -> list[Sample]:
     """Sample `cfg.samples_per_prompt` completions of each prompt (left-padded batches, KV cache, stop at EOS)."""
     was_training = model.training
@@ -71,7 +73,8 @@ def sample_completions(
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts are padded on the left
     out: list[Sample] = []
     try:
-        for start in range(0, len(prompts), cfg.batch_size):
+        starts = range(0, len(prompts), cfg.batch_size)
+        for start in tqdm(starts, desc="Sampling completions", disable=not show_progress or len(starts) < 2):
             batch = list(prompts[start : start + cfg.batch_size])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Seed each batch from our own generator so results do not depend on what ran before.
@@ -125,7 +128,8 @@ def generation_eval(
     rendered = [render_prompt(r, tokenizer) for r in rows]
     with accelerator.split_between_processes(list(range(len(rendered)))) as mine:
         texts = [rendered[i][0] for i in mine]
-        samples = sample_completions(model, tokenizer, texts, cfg, seed + accelerator.process_index)
+        samples = sample_completions(model, tokenizer, texts, cfg, seed + accelerator.process_index,
+                                     show_progress=accelerator.is_main_process)
         plain = {rendered[i][0]: rendered[i][1] for i in mine}
         records = []
         for s in samples:
