@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import GenerationEvalConfig
+from pipeline.config import ConfigError, GenerationEvalConfig
 
 GoldFn = Callable[[str, str, bool], float]
 
@@ -41,6 +41,21 @@ def gold_function(name: str | None) -> GoldFn | None:
 
         return gold_score
     raise ValueError(f"unknown gold reward {name!r}")
+
+
+def check_gold_covers(gold: GoldFn | None, rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+    """Fail before training, not after it, when the gold reward cannot score the held-out prompts."""
+    if gold is None:
+        return
+    for row in rows:
+        plain = render_prompt(row, tokenizer)[1]
+        try:
+            gold(plain, "", True)
+        except ValueError as e:
+            raise ConfigError(
+                f"'gold_reward' cannot score the prompt {plain!r} of '{key}' ({e}); "
+                "set gold_reward: null for data that is not the tiny task"
+            ) from None
 
 
 def render_prompt(row: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:

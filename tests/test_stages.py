@@ -239,3 +239,20 @@ def test_block_size_beyond_the_model_context_is_a_config_error(make_config: Call
     with pytest.raises(ConfigError, match=r"'pretrain\.block_size' \(512\) exceeds the model's context \(256\)"):
         pretrain.run(cfg)
     assert not cfg.stage_dir("pretrain").with_name("pretrain.partial").exists()
+
+
+def test_gold_reward_that_cannot_score_the_eval_prompts_fails_before_training(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    from pipeline.config import ConfigError
+
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "What is the capital of France?\\n", "completion": "Paris"}\n')
+    cfg = make_config(f"sft.data.eval={other}", run_dir=tmp_path / "r")
+    pretrain.run(cfg)
+    with pytest.raises(ConfigError, match=r"'gold_reward' cannot score the prompt 'What is the capital.*gold_reward: null"):
+        sft.run(cfg)
+    assert not (tmp_path / "r" / "sft.partial").exists() and not (tmp_path / "r" / "sft").exists()
+    sft.run(make_config(f"sft.data.eval={other}", "gold_reward=null", run_dir=tmp_path / "r"))  # real data: no gold
+    metrics = json.loads((tmp_path / "r" / "sft" / "summary.json").read_text())["metrics"]
+    assert "eval/gold_score" not in metrics and "eval/eos_rate" in metrics

@@ -26,7 +26,7 @@ from trl.models.utils import unwrap_model_for_generation
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_demonstrations
-from pipeline.evaluation import generation_eval, gold_function
+from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.modeling import context_length, load_stage_model
 from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
@@ -52,6 +52,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
+    gold = gold_function(cfg.gold_reward)
+    eval_rows = _unique_prompts(list(eval_ds))[: s.generation.num_prompts] if eval_ds is not None else []
+    check_gold_covers(gold, eval_rows, tokenizer, "sft.data.eval")
 
     args = TRLSFTConfig(
         **trainer_kwargs(cfg, s, _output(cfg).checkpoints_dir, eval_ds is not None),
@@ -70,8 +73,6 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    gold = gold_function(cfg.gold_reward)
-    eval_rows = list(eval_ds) if eval_ds is not None else []
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
         metrics: dict[str, float] = {}
@@ -79,7 +80,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
             metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
             gen, samples = generation_eval(
-                unwrapped, tokenizer, _unique_prompts(eval_rows), s.generation, gold, trainer.accelerator, cfg.seed
+                unwrapped, tokenizer, eval_rows, s.generation, gold, trainer.accelerator, cfg.seed
             )
         metrics.update({f"eval/{k}": v for k, v in gen.items()})
         log.info("sft: %s model: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
