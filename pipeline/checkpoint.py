@@ -38,20 +38,23 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "t
 class StageOutput:
     """The work directory of one stage run and the atomic hand-over of its result."""
 
-    def __init__(self, final_dir: str | Path, resume_key: dict[str, Any], is_main: bool = True):
+    def __init__(self, final_dir: str | Path, resume_key: dict[str, Any]):
         self.final_dir = Path(final_dir)
         self.work_dir = self.final_dir.with_name(self.final_dir.name + ".partial")
         self.checkpoints_dir = self.work_dir / "checkpoints"
         self.staging_dir = self.work_dir / "final"
-        self.is_main = is_main
         self.resume_key = resume_key
+        self.is_main = True
 
-    def prepare(self) -> str | None:
+    def prepare(self, is_main: bool = True) -> str | None:
         """Create the work directory; return the checkpoint to resume from, if an interrupted run left one.
+
+        Only the main process (`is_main`) writes here and in `commit`; every process reads.
 
         Resuming with a different config would silently mix two runs, so a changed config is an error that
         names the changed keys.
         """
+        self.is_main = is_main
         key_file = self.work_dir / "config.json"
         if key_file.is_file():
             old = json.loads(key_file.read_text())

@@ -122,14 +122,19 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def load_causal_lm(
-    name_or_path: str, dtype: str = "float32", revision: str | None = None
+    name_or_path: str, dtype: str = "float32", revision: str | None = None, tokenizer_name_or_path: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a hub id or a local Hugging Face directory."""
-    tokenizer = load_tokenizer(name_or_path, revision)
+    """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or another."""
+    if tokenizer_name_or_path:
+        tokenizer = load_tokenizer(tokenizer_name_or_path)
+    else:
+        tokenizer = load_tokenizer(name_or_path, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # a tokenizer with added tokens
     _sync_generation_config(model, tokenizer)
     return model, tokenizer
 
@@ -143,12 +148,7 @@ def load_base(model_cfg: ModelConfig, tok_cfg: TokenizerConfig) -> tuple[PreTrai
         model = build_tiny_model(model_cfg, tokenizer)
         log.info("built tiny GPT-2: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
         return model, tokenizer
-    model, tokenizer = load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision)
-    if tok_cfg.name_or_path:
-        tokenizer = load_tokenizer(tok_cfg.name_or_path)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model, tokenizer
+    return load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision, tok_cfg.name_or_path)
 
 
 def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

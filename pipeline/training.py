@@ -1,9 +1,8 @@
-"""What the supervised stages share: Trainer arguments from a typed config, and the stage's metric log."""
+"""What the supervised stages share: Trainer arguments from a typed config, and the save path."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,14 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from pipeline.checkpoint import StageOutput
 from pipeline.config import Config, TrainConfig
 
-log = logging.getLogger(__name__)
 
-
-def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: bool) -> dict[str, Any]:
-    """Keyword arguments for `transformers.TrainingArguments` (or TRL's SFTConfig) from our config.
+def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments for `transformers.TrainingArguments` (or TRL's SFTConfig) from stage `stage`'s config.
 
     The Trainer's own checkpoints go to the stage's work directory; `save_only_model` stays off so they
     hold optimizer, scheduler, RNG and data position and a resumed run continues exactly.
     """
+    train: TrainConfig = getattr(cfg, stage)
     eval_strategy = "steps" if (has_eval and train.eval_steps) else "no"
     return {
         "output_dir": str(output_dir),
@@ -48,7 +46,7 @@ def trainer_kwargs(cfg: Config, train: TrainConfig, output_dir: Path, has_eval: 
         "bf16": train.bf16,
         "activation_checkpointing": train.gradient_checkpointing,
         "report_to": cfg.tracking.report_to or "none",
-        "run_name": f"{cfg.profile}-{Path(output_dir).parent.name.removesuffix('.partial')}",
+        "run_name": f"{cfg.profile}-{stage}",
         # N processes on a machine without CUDA (`torchrun --nproc_per_node N -m pipeline ...`) is
         # data-parallel CPU training over gloo; transformers only sets that up when told to use the CPU.
         "use_cpu": int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),

@@ -85,9 +85,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
              len(eval_ds) if eval_ds is not None else 0, p.block_size)
 
     # 4. Train (the Trainer places devices and handles `accelerate launch` on N processes).
-    args = TrainingArguments(**trainer_kwargs(cfg, p, _output(cfg).checkpoints_dir, eval_ds is not None))
-    out = _output(cfg, is_main=args.process_index == 0)
-    resume_from = out.prepare()
+    out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
+    args = TrainingArguments(**trainer_kwargs(cfg, STAGE, out.checkpoints_dir, eval_ds is not None))
+    resume_from = out.prepare(is_main=args.process_index == 0)
     trainer = Trainer(
         model=model,
         args=args,
@@ -112,8 +112,6 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     return metrics
 
 
-def _output(cfg: Config, is_main: bool = True) -> StageOutput:
-    return StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE), is_main=is_main)
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -56,15 +56,15 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     eval_rows = _unique_prompts(list(eval_ds))[: s.generation.num_prompts] if eval_ds is not None else []
     check_gold_covers(gold, eval_rows, tokenizer, "sft.data.eval")
 
+    out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     args = TRLSFTConfig(
-        **trainer_kwargs(cfg, s, _output(cfg).checkpoints_dir, eval_ds is not None),
+        **trainer_kwargs(cfg, STAGE, out.checkpoints_dir, eval_ds is not None),
         max_length=s.max_length,
         packing=False,
         completion_only_loss=None if conversational else True,
         assistant_only_loss=conversational,
     )
-    out = _output(cfg, is_main=args.process_index == 0)
-    resume_from = out.prepare()
+    resume_from = out.prepare(is_main=args.process_index == 0)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -116,7 +116,3 @@ def _unique_prompts(rows: list[dict]) -> list[dict]:
             seen.add(key)
             out.append(row)
     return out
-
-
-def _output(cfg: Config, is_main: bool = True) -> StageOutput:
-    return StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE), is_main=is_main)
