@@ -13,6 +13,7 @@ from pipeline.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "tiny"
 
+os.chdir(ROOT)  # tests name configs/ and data/ relative to the repository, as users do
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
