@@ -355,6 +355,17 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}."))
         else:
-            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            rows.append((f"{prefix}{f.name}", name, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", _type_name(tp), f.metadata.get("help", "")))
     return rows
+
+
+def _type_name(tp: Any) -> str:
+    """`int`, `str | None`, `'cosine' | 'linear'`, `list[str]`: how a key's type reads in `keys`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))

@@ -85,3 +85,16 @@ def test_stage_key_isolates_what_shapes_each_stage() -> None:
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_key_has_a_type_and_help_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.__main__ import main
+    from pipeline.config import describe
+
+    rows = describe()
+    assert len(rows) > 40
+    missing = [key for key, _, help_ in rows if not help_.strip()]
+    assert not missing, f"config keys without help: {missing}"
+    assert ("sft.lr_scheduler", "'cosine' | 'linear' | 'constant' | 'constant_with_warmup'") in [r[:2] for r in rows]
+    assert main(["keys"]) == 0
+    assert "sft.data.train" in capsys.readouterr().out
