@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from pipeline.__main__ import main
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.modeling import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 from pipeline.stages import pretrain, sft
 
@@ -95,8 +95,6 @@ def test_resume_with_a_changed_config_is_refused(make_config: Callable[..., Conf
     with pytest.raises(KeyboardInterrupt):
         pretrain.run(cfg, callbacks=[Interrupt(at_step=5)])
     changed = make_config("pretrain.max_steps=8", "pretrain.save_steps=4", "pretrain.lr=1e-5", run_dir=tmp_path / "r")
-    from pipeline.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"different config \(changed: pretrain\.lr\)"):
         pretrain.run(changed)
 
@@ -233,8 +231,6 @@ def test_rerun_replaces_a_finished_output_and_clears_a_half_written_one(
 
 
 def test_block_size_beyond_the_model_context_is_a_config_error(make_config: Callable[..., Config]) -> None:
-    from pipeline.config import ConfigError
-
     cfg = make_config("pretrain.block_size=512")  # the tiny model has 256 positions
     with pytest.raises(ConfigError, match=r"'pretrain\.block_size' \(512\) exceeds the model's context \(256\)"):
         pretrain.run(cfg)
@@ -244,8 +240,6 @@ def test_block_size_beyond_the_model_context_is_a_config_error(make_config: Call
 def test_gold_reward_that_cannot_score_the_eval_prompts_fails_before_training(
     make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    from pipeline.config import ConfigError
-
     other = tmp_path / "other.jsonl"
     other.write_text('{"prompt": "What is the capital of France?\\n", "completion": "Paris"}\n')
     cfg = make_config(f"sft.data.eval={other}", run_dir=tmp_path / "r")
