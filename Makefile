@@ -21,7 +21,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft summary test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm summary test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,7 @@ install: $(STAMP)  ## create .venv and install torch + the pipeline (done automa
 
 pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
+rm: $(RUN)/rm/summary.json              ## stage 3: reward model on ranked completions (builds sft)
 
 # Per-stage stamps: rewritten only when that stage's part of the resolved config (profile + ARGS) or its
 # data files change, so a new sft.lr rebuilds sft but not pretrain.
@@ -49,6 +50,9 @@ $(RUN)/pretrain/summary.json: $(RUN)/.stamps/pretrain.json pipeline/stages/pretr
 
 $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pipeline/stages/sft.py
 	$(LAUNCH) pipeline sft --config $(CONFIG) $(ARGS)
+
+$(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/stages/rm.py
+	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS)
 
 FORCE:
 

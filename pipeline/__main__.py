@@ -93,6 +93,8 @@ def _data_sources(cfg: Config, stage: str) -> list[str]:
     sources = [section.data.train, section.data.eval]
     if stage == "pretrain" and cfg.model.name_or_path is None and cfg.tokenizer.name_or_path is None:
         sources.append(cfg.tokenizer.train_data)  # the tiny tokenizer is trained on it
+    if stage == "rm":
+        sources.append(cfg.rm.normalize_data or cfg.sft.data.eval)  # the reward is normalized on it
     return [s for s in sources if s]
 
 

@@ -96,7 +96,7 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimization knobs shared by the supervised stages (pretrain, sft)."""
+    """Optimization knobs shared by the stages trained with a transformers Trainer (pretrain, sft, rm)."""
 
     epochs: float = _f(1.0, help="Passes over the training data (ignored when max_steps > 0).", gt=0)
     max_steps: int = _f(-1, help="Stop after this many optimizer steps; -1 runs `epochs` epochs.", ge=-1)
@@ -151,6 +151,35 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
+class RMConfig(TrainConfig):
+    """Reward model on ranked completions: all comparisons of one prompt in one batch element (InstructGPT)."""
+
+    data: DataConfig = _f(help="Rankings (ranked K-way, pairwise chosen/rejected, or hh-rlhf): train and held-out eval.")
+    init: str | None = _f(
+        None, help="Model to start from: a directory or hub id; null = this profile's sft output."
+    )
+    max_length: int = _f(
+        128, help="Longest tokenized prompt+completion+EOS; longer ones lose the prompt's start first.", ge=8
+    )
+    margin: float = _f(
+        0.0, help="Margin per rank of difference: loss -log sigmoid(r_w - r_l - margin*(rank_l - rank_w)); 0 = off.",
+        ge=0,
+    )
+    center_coef: float = _f(
+        0.0, help="Weight of the reward-centering term coef * (mean reward of a prompt's completions)^2; 0 = off.",
+        ge=0,
+    )
+    normalize_data: str | None = _f(
+        None,
+        help="Held-out demonstrations whose mean reward is shifted to 0 after training; null = sft.data.eval.",
+    )
+    num_table_prompts: int = _f(
+        16, help="Held-out prompts whose completions, ranks and rewards go to scores.jsonl (and the tracker).",
+        ge=0,
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole pipeline profile."""
 
@@ -165,19 +194,21 @@ class Config:
     tracking: TrackingConfig = _f(factory=TrackingConfig, help="Experiment tracking.")
     pretrain: PretrainConfig = _f(help="Stage 1: continued pretraining.")
     sft: SFTConfig = _f(help="Stage 2: supervised fine-tuning.")
+    rm: RMConfig = _f(help="Stage 3: reward model.")
 
     def stage_dir(self, stage: str) -> Path:
         """The finished output directory of `stage` for this profile."""
         return Path(self.run_dir) / stage
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "rm")
 
 # The top-level keys besides its own section that shape each stage's result. They decide when an
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "tokenizer"),
     "sft": ("seed", "gold_reward"),
+    "rm": ("seed", "gold_reward"),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -159,6 +160,77 @@ def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[
         how = f": build it with `make {make_target}`" if make_target else ""
         raise ModelLoadError(f"no finished model at {p}{how}")
     return load_causal_lm(str(path))
+
+
+def load_reward_model(
+    path: str | Path, make_target: str | None = None, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence-classification model with one output (the reward) from a causal-LM or reward-model directory.
+
+    Starting from an SFT checkpoint, transformers drops the LM head and initialises a fresh scalar `score`
+    head; starting from a finished reward model, it loads the trained head. The reward is read at the last
+    non-padding token, which transformers finds by comparing ids with `config.pad_token_id`: the pad token
+    must therefore differ from EOS, or the EOS that ends every scored completion would count as padding.
+    """
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith((".", "runs/")) or p.exists()
+    if looks_local and not (p / "config.json").is_file():
+        how = f": build it with `make {make_target}`" if make_target else ""
+        raise ModelLoadError(f"no finished model at {p}{how}")
+    tokenizer = load_tokenizer(str(path))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load reward model '{path}': {_first_line(e)}") from None
+    ensure_distinct_pad(model, tokenizer)
+    return model, tokenizer
+
+
+def ensure_distinct_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token of its own (adding `<|pad|>` when it pads with EOS) and tell the model."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        log.info("added pad token %s (id %d): rewards are read at the EOS, so EOS cannot pad", PAD,
+                 tokenizer.pad_token_id)
+    if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def shift_reward(model: PreTrainedModel, shift: float) -> str:
+    """Subtract `shift` from every reward the model outputs, inside its own weights; return how.
+
+    InstructGPT normalizes the RM with a bias before RL. When the scalar head has a bias it takes the shift.
+    GPT-2-style heads have none, but the final LayerNorm's bias feeds only the head: moving it by
+    δ = −shift · w / ‖w‖² moves every reward by w·δ = −shift exactly, and a plain `from_pretrained` of the
+    saved directory returns the normalized reward. Models with neither (RMSNorm, no head bias) keep the shift
+    in `config.reward_shift`, which this project's loaders subtract; the summary says which happened.
+    """
+    head = model.score
+    if head.weight.shape[0] != 1:
+        raise ValueError("shift_reward expects a scalar reward head (num_labels = 1)")
+    with torch.no_grad():
+        if head.bias is not None:
+            head.bias -= shift
+            return "head_bias"
+        norm = next((getattr(model.base_model, n) for n in ("ln_f", "norm", "final_layer_norm")
+                     if getattr(getattr(model.base_model, n, None), "bias", None) is not None), None)
+        if norm is not None:
+            w = head.weight[0].float()
+            norm.bias += (-shift * w / w.pow(2).sum()).to(norm.bias.dtype)
+            return "final_norm_bias"
+    model.config.reward_shift = getattr(model.config, "reward_shift", 0.0) + shift
+    return "config.reward_shift"
+
+
+def compute_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] rewards of right-padded sequences, each read at its last non-padding token (its EOS).
+
+    `model` may be wrapped (DDP, FSDP, DeepSpeed): the forward goes through the wrapper so gradients sync.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+    config = getattr(model, "module", model).config
+    return logits - getattr(config, "reward_shift", 0.0)
 
 
 def context_length(model: PreTrainedModel) -> int | None:

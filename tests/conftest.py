@@ -34,6 +34,8 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "corpus_eval": head(TINY / "corpus.eval.jsonl", d / "corpus.eval.jsonl", 100),
         "demos_train": head(TINY / "demos.train.jsonl", d / "demos.train.jsonl", 200),
         "demos_eval": head(TINY / "demos.eval.jsonl", d / "demos.eval.jsonl", 40),
+        "rankings_train": head(TINY / "rankings.train.jsonl", d / "rankings.train.jsonl", 200),
+        "rankings_eval": head(TINY / "rankings.eval.jsonl", d / "rankings.eval.jsonl", 40),
     }
 
 
@@ -62,6 +64,11 @@ def make_config(small_data: dict[str, Path], tmp_path: Path) -> Callable[..., Co
             "sft.generation.num_prompts=8",
             "sft.generation.samples_per_prompt=2",
             "sft.generation.max_new_tokens=8",
+            f"rm.data.train={small_data['rankings_train']}",
+            f"rm.data.eval={small_data['rankings_eval']}",
+            "rm.max_steps=6",
+            "rm.batch_size=8",
+            "rm.logging_steps=1",
         ]
         return load_config(ROOT / "configs" / f"{profile}.yaml", [*base, *overrides])
 
