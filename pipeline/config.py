@@ -169,6 +169,9 @@ class RMConfig(TrainConfig):
         0.0, help="Weight of the reward-centering term coef * (mean reward of a prompt's completions)^2; 0 = off.",
         ge=0,
     )
+    disable_dropout: bool = _f(
+        True, help="Turn dropout off: the loss compares rewards, and dropout noise on each side blurs them."
+    )
     normalize_data: str | None = _f(
         None,
         help="Held-out demonstrations whose mean reward is shifted to 0 after training; null = sft.data.eval.",

@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers import set_seed as hf_set_seed
+from trl.trainer.utils import disable_dropout_in_model
 
 from pipeline import rlhf
 from pipeline.checkpoint import StageOutput, build_summary
@@ -70,6 +71,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # 2. Starting model: the SFT causal LM; transformers swaps its LM head for a fresh scalar head.
     init = r.init or str(cfg.stage_dir("sft"))
     model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None)
+    if r.disable_dropout:
+        disable_dropout_in_model(model)
     max_pos = context_length(model)
     if max_pos and r.max_length > max_pos:
         raise ConfigError(f"'rm.max_length' ({r.max_length}) exceeds the model's context ({max_pos})")
