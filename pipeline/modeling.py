@@ -154,12 +154,17 @@ def load_base(model_cfg: ModelConfig, tok_cfg: TokenizerConfig) -> tuple[PreTrai
 
 def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a previous stage's output, with an error that says which `make` target builds it."""
+    _require_finished(path, make_target)
+    return load_causal_lm(str(path))
+
+
+def _require_finished(path: str | Path, make_target: str | None) -> None:
+    """A local path (not a hub id) must hold a finished model; say which `make` target builds it."""
     p = Path(path)
     looks_local = p.is_absolute() or str(path).startswith((".", "runs/")) or p.exists()
     if looks_local and not (p / "config.json").is_file():
         how = f": build it with `make {make_target}`" if make_target else ""
         raise ModelLoadError(f"no finished model at {p}{how}")
-    return load_causal_lm(str(path))
 
 
 def load_reward_model(
@@ -172,11 +177,7 @@ def load_reward_model(
     non-padding token, which transformers finds by comparing ids with `config.pad_token_id`: the pad token
     must therefore differ from EOS, or the EOS that ends every scored completion would count as padding.
     """
-    p = Path(path)
-    looks_local = p.is_absolute() or str(path).startswith((".", "runs/")) or p.exists()
-    if looks_local and not (p / "config.json").is_file():
-        how = f": build it with `make {make_target}`" if make_target else ""
-        raise ModelLoadError(f"no finished model at {p}{how}")
+    _require_finished(path, make_target)
     tokenizer = load_tokenizer(str(path))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype])

@@ -78,7 +78,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         raise ConfigError(f"'rm.max_length' ({r.max_length}) exceeds the model's context ({max_pos})")
     gold = gold_function(cfg.gold_reward)
     if eval_rows is not None:
-        check_gold_covers(gold, [{"prompt": p} for p in eval_rows["prompt"][:8]], tokenizer, "rm.data.eval")
+        check_gold_covers(gold, [{"prompt": p} for p in eval_rows["prompt"]], tokenizer, "rm.data.eval")
 
     # 3. Tokenize once.
     train = encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train")
