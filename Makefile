@@ -55,7 +55,7 @@ FORCE:
 summary: $(STAMP)  ## print the final metrics of this profile's finished stages
 	@$(PY) -m pipeline summary --config $(CONFIG) $(ARGS)
 
-report: $(STAMP)  ## HTML report with plots of this profile's finished stages: $(RUN)/report/index.html
+report: $(STAMP)  ## HTML report with plots of the finished stages: runs/<PROFILE>/report/index.html
 	@$(PY) -m pipeline report --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
