@@ -193,7 +193,10 @@ def tracked(stage: str) -> Callable[[F], F]:
             try:
                 result = fn(cfg, *args, **kwargs)
             except BaseException:
-                finish(exit_code=1)
+                try:
+                    finish(exit_code=1)
+                except Exception as e:  # the stage's own error is the one the user needs to see
+                    log.warning("%s: could not close the tracking run (%s: %s)", stage, type(e).__name__, e)
                 raise
             finish(final_dir=cfg.stage_dir(stage))
             return result

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import TrainerCallback
 from wandb.proto import wandb_internal_pb2 as pb
 
 from pipeline import tracking
@@ -211,3 +212,29 @@ def test_no_wandb_login_runs_offline_without_prompting_and_says_once_how_to_sync
     assert series(run["history"], "train/loss").keys() == {1, 2, 3}
     assert not (home / ".netrc").exists()
     assert (run_dir / "pretrain" / "summary.json").is_file()
+
+
+class StopAt(TrainerCallback):
+    """Ctrl-C at a given optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_stage_closes_its_run_as_failed(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_config("pretrain.data.eval=null")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(cfg, callbacks=[StopAt(2)])
+    assert not tracking.is_active()
+    run = wandb_run(Path(cfg.run_dir), "pretrain")
+    records = read_wandb_records(next(run["dir"].glob("run-*.wandb")))
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1
+    assert series(run["history"], "train/loss").keys() == {1}  # step 2 was cut before its log
