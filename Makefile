@@ -21,7 +21,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm summary test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm summary report test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ FORCE:
 
 summary: $(STAMP)  ## print the final metrics of this profile's finished stages
 	@$(PY) -m pipeline summary --config $(CONFIG) $(ARGS)
+
+report: $(STAMP)  ## HTML report with plots of the finished stages: runs/<PROFILE>/report/index.html
+	@$(PY) -m pipeline report --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q

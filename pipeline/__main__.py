@@ -25,9 +25,10 @@ from pipeline.config import STAGES, Config, ConfigError, describe, load_config, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary"],
+    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary", "report"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
                         "summary (final metrics of the profile's finished stages), "
+                        "report (HTML report with plots of the finished stages, in <run_dir>/report), "
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
@@ -51,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "summary":
         return print_summary(cfg)
+    if args.command == "report":
+        from pipeline.report import write_report  # matplotlib, only when asked for
+
+        try:
+            path = write_report(cfg)
+            plots = sorted(p.name for p in path.parent.glob("*.png"))
+            print(f"report: {path} ({len(plots)} plots: {', '.join(plots)})")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
     from pipeline.data import DataError

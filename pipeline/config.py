@@ -87,11 +87,19 @@ class TokenizerConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    report_to: list[str] = _f(
-        factory=list, help="Experiment trackers passed to the Trainer: [] (none), [wandb], [tensorboard]."
+    """Experiment tracking of every stage (pipeline/tracking.py); the stages' own files are written regardless."""
+
+    wandb: bool = _f(
+        True,
+        help="Log each stage to Weights & Biases (one run per stage, grouped per pipeline run). Without a "
+        "W&B login it logs offline under <run_dir>/wandb; WANDB_MODE=offline|disabled is respected.",
     )
     project: str = _f("rlhf-pipeline", help="W&B project.")
     entity: str | None = _f(None, help="W&B entity (team or user); null uses your default.")
+    log_model: bool = _f(False, help="Upload each stage's final model directory as a W&B artifact.")
+    tensorboard: bool = _f(
+        False, help="Also write TensorBoard event files to <run_dir>/tensorboard/<stage> (needs tensorboard)."
+    )
 
 
 @dataclass(kw_only=True)
@@ -315,7 +323,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            if isinstance(value, str):  # `tracking.report_to=wandb` on the command line
+            if isinstance(value, str):  # `key=value` for a list-valued key on the command line
                 value = [value]
             else:
                 raise ConfigError(f"'{key}' must be a list, got {type(value).__name__} {value!r}")

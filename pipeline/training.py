@@ -45,7 +45,7 @@ def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) ->
         "save_total_limit": train.save_total_limit,
         "bf16": train.bf16,
         "activation_checkpointing": train.gradient_checkpointing,
-        "report_to": cfg.tracking.report_to or "none",
+        "report_to": "none",  # pipeline.tracking adds its own callbacks (W&B, TensorBoard) with our metric names
         "run_name": f"{cfg.profile}-{stage}",
         # N processes on a machine without CUDA (`torchrun --nproc_per_node N -m pipeline ...`) is
         # data-parallel CPU training over gloo; transformers only sets that up when told to use the CPU.

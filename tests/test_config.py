@@ -67,12 +67,12 @@ def test_missing_required_section_is_named(tmp_path: Path) -> None:
 def test_overrides_parse_like_yaml_and_win_over_the_file() -> None:
     cfg = load_config(
         ROOT / "configs/tiny.yaml",
-        ["sft.lr=1e-4", "pretrain.max_steps=7", "model.name_or_path=some/dir", "tracking.report_to=wandb"],
+        ["sft.lr=1e-4", "pretrain.max_steps=7", "model.name_or_path=some/dir", "tracking.wandb=false"],
     )
     assert cfg.sft.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string; we accept it as a float
     assert cfg.pretrain.max_steps == 7
     assert cfg.model.name_or_path == "some/dir"
-    assert cfg.tracking.report_to == ["wandb"]
+    assert cfg.tracking.wandb is False
 
 
 def test_stage_key_isolates_what_shapes_each_stage() -> None:

@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers import set_seed as hf_set_seed
 
+from pipeline import tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus
@@ -63,6 +64,7 @@ def pack_corpus(corpus: Dataset, tokenizer: PreTrainedTokenizerBase, block_size:
     return packed
 
 
+@tracking.tracked(STAGE)
 def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     started = time.time()
     p = cfg.pretrain
@@ -95,7 +97,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         eval_dataset=eval_ds,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
     trainer.train(resume_from_checkpoint=resume_from)
 

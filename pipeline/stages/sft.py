@@ -23,6 +23,7 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 from trl.models.utils import unwrap_model_for_generation
 
+from pipeline import tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_demonstrations
@@ -32,8 +33,10 @@ from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
+SAMPLE_COLUMNS = ("prompt", "completion", "gold", "ended", "num_tokens")  # the samples.jsonl fields
 
 
+@tracking.tracked(STAGE)
 def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     started = time.time()
     s = cfg.sft
@@ -71,7 +74,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
@@ -83,6 +86,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
                 unwrapped, tokenizer, eval_rows, s.generation, gold, trainer.accelerator, cfg.seed
             )
         metrics.update({f"eval/{k}": v for k, v in gen.items()})
+        tracking.log_metrics({f"eval/{k}": v for k, v in gen.items()}, step=trainer.state.global_step)
         log.info("sft: %s model: %s", tag, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics, samples
 
@@ -102,6 +106,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             conversational=conversational)
     save_stage_output(trainer, tokenizer, out, summary, {"samples.jsonl": samples})
+    tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples])
     log.info("sft: wrote %s", out.final_dir)
     return metrics
 

@@ -1,0 +1,362 @@
+"""`make report`: one self-contained HTML page (plus its PNG plots) about the last pipeline run of a profile.
+
+It reads only what the stages write into `runs/<profile>/<stage>/` — summary.json, log_history.jsonl (the
+Trainer's log rows, renamed with `tracking.rewrite_logs` so the names match W&B and summary.json) and
+samples.jsonl — so it works offline, without W&B, on whichever stages have finished. Plots are chosen by
+metric name, not by stage code: a stage that logs `train/loss` gets a loss curve, one that logs
+`eval/pairwise_acc` an accuracy plot, one that logs `ppo/kl` and `ppo/score` the reward/KL plots, and every
+stage with samples.jsonl a column in the side-by-side table of completions.
+
+    python -m pipeline report --config configs/tiny.yaml     # writes runs/tiny/report/index.html + *.png
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError
+from pipeline.tracking import STEP, rewrite_logs
+
+STAGE_ORDER = ("pretrain", "sft", "rm", "ppo")  # report order; other finished stage directories follow
+MAX_PROMPTS = 24  # rows of the side-by-side completions table
+
+
+@dataclass
+class StageLogs:
+    """One finished stage as the report sees it."""
+
+    name: str
+    path: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)  # rows in the pipeline's metric names
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.summary.get("metrics", {})
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of metric `key` over the stage's step axis, non-finite values dropped."""
+        points = [(r[STEP], r[key]) for r in self.history if STEP in r and _finite(r.get(key))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def has(self, key: str) -> bool:
+        return any(_finite(r.get(key)) for r in self.history)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Metrics of one stage over its steps, drawn when at least one of them was logged."""
+
+    file: str
+    title: str
+    stage: str
+    metrics: tuple[str, ...]
+    ylabel: str
+    ylim: tuple[float, float] | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """One metric against another, logged in the same rows of one stage, coloured by step."""
+
+    file: str
+    title: str
+    stage: str
+    x: str
+    ys: tuple[str, ...]
+    xlabel: str
+    ylabel: str
+    note: str = ""
+
+
+# The RM and PPO stages plug in through these names (see the README's metric table).
+CURVES = (
+    Curve("rm_accuracy.png", "Reward model: held-out accuracy", "rm",
+          ("eval/pairwise_acc", "eval/rank1_acc", "eval/gold_agreement"), "accuracy", (0.0, 1.0),
+          "pairwise: the RM ranks the better completion of a held-out pair higher (chance 0.5); rank-1: it picks "
+          "the best of K; gold agreement: its preferences agree with the gold reward's."),
+    Curve("ppo_reward.png", "PPO: reward of the policy's samples", "ppo", ("ppo/score", "ppo/gold_score"),
+          "score", note="ppo/score is the reward model's (the proxy PPO optimises), ppo/gold_score the gold reward's."),
+    Curve("ppo_kl.png", "PPO: KL from the SFT policy", "ppo", ("ppo/kl",), "KL (nats)"),
+)
+SCATTERS = (
+    Scatter("ppo_frontier.png", "PPO: reward vs KL frontier", "ppo", "ppo/kl", ("ppo/score", "ppo/gold_score"),
+            "KL from the SFT policy (nats)", "score",
+            "Each point is one logged PPO step: how much reward each nat of divergence from SFT bought."),
+    Scatter("ppo_gold_vs_proxy.png", "PPO: gold vs proxy score", "ppo", "ppo/score", ("ppo/gold_score",),
+            "proxy score (reward model)", "gold score",
+            "Reward hacking shows as the proxy rising while the gold score stalls or falls."),
+)
+
+
+def load_stages(run_dir: Path) -> list[StageLogs]:
+    """Every finished stage under `run_dir` (a directory with summary.json), in pipeline order."""
+    if not run_dir.is_dir():
+        return []
+    dirs = [d for d in run_dir.iterdir() if d.is_dir() and (d / "summary.json").is_file()]
+    dirs.sort(key=lambda d: (STAGE_ORDER.index(d.name) if d.name in STAGE_ORDER else len(STAGE_ORDER), d.name))
+    return [
+        StageLogs(
+            name=d.name,
+            path=d,
+            summary=_read_json(d / "summary.json"),
+            history=[rewrite_logs(row) for row in _read_jsonl(d / "log_history.jsonl")],
+            samples=_read_jsonl(d / "samples.jsonl"),
+        )
+        for d in dirs
+    ]
+
+
+def write_report(cfg: Config, out_dir: Path | None = None) -> Path:
+    """Write `<run_dir>/report/index.html` and its PNGs; return the HTML path."""
+    run_dir = Path(cfg.run_dir)
+    stages = load_stages(run_dir)
+    if not stages:
+        raise ConfigError(f"no finished stage under {run_dir}: run `make sft PROFILE={cfg.profile}` first")
+    out_dir = out_dir or run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):  # plots of stages that no longer exist must not linger
+        old.unlink()
+    figures = make_figures(stages, out_dir)
+    page = render_html(cfg, stages, figures)
+    path = out_dir / "index.html"
+    path.write_text(page)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path
+    title: str
+    note: str = ""
+
+
+def make_figures(stages: Sequence[StageLogs], out_dir: Path) -> list[Figure]:
+    """Draw every plot whose data exists; return them in report order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    by_name = {s.name: s for s in stages}
+    figures: list[Figure] = []
+
+    def save(fig: Any, file: str, title: str, note: str = "") -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / file, dpi=110)
+        plt.close(fig)
+        figures.append(Figure(out_dir / file, title, note))
+
+    for stage in stages:  # a loss curve for every stage that logged one
+        keys = [k for k in ("train/loss", "eval/loss") if stage.has(k)]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for key in keys:
+            steps, values = stage.series(key)
+            ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
+        if _finite(stage.metrics.get("eval/loss_init")):  # the starting model, measured before step 1
+            ax.scatter([0], [stage.metrics["eval/loss_init"]], color="black", zorder=3, label="eval/loss_init")
+        ax.set(title=f"{stage.name}: loss", xlabel="optimizer step (train/global_step)", ylabel="loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, f"{stage.name}_loss.png", f"{stage.name}: training and held-out loss")
+
+    for curve in CURVES:
+        stage = by_name.get(curve.stage)
+        keys = [k for k in curve.metrics if stage is not None and stage.has(k)]
+        if stage is None or not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for key in keys:
+            ax.plot(*stage.series(key), marker="o", markersize=3, label=key)
+        ax.set(title=curve.title, xlabel="optimizer step (train/global_step)", ylabel=curve.ylabel)
+        if curve.ylim:
+            ax.set_ylim(*curve.ylim)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, curve.file, curve.title, curve.note)
+
+    for scatter in SCATTERS:
+        stage = by_name.get(scatter.stage)
+        if stage is None:
+            continue
+        pairs = {y: [(r[scatter.x], r[y], r.get(STEP, 0)) for r in stage.history
+                     if _finite(r.get(scatter.x)) and _finite(r.get(y))] for y in scatter.ys}
+        pairs = {y: p for y, p in pairs.items() if p}
+        if not pairs:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for marker, (y, points) in zip("os^", pairs.items(), strict=False):
+            xs, ys, steps = zip(*points, strict=True)
+            sc = ax.scatter(xs, ys, c=steps, cmap="viridis", marker=marker, label=y, edgecolors="none")
+        fig.colorbar(sc, ax=ax, label="step")
+        ax.set(title=scatter.title, xlabel=scatter.xlabel, ylabel=scatter.ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, scatter.file, scatter.title, scatter.note)
+
+    bars = gold_by_stage(stages)
+    if bars:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        labels, values = zip(*bars, strict=True)
+        ax.bar(labels, values, color="tab:green")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+        ax.set(title="Gold score of sampled completions on held-out prompts", ylabel="mean gold score", ylim=(0, 1.05))
+        save(fig, "gold_by_stage.png", "Gold score by stage",
+             "The toy task's ground-truth reward of each model's samples; 'start' is the model the stage began from.")
+    return figures
+
+
+def gold_by_stage(stages: Sequence[StageLogs]) -> list[tuple[str, float]]:
+    """(label, mean gold score) per stage that measured one: its starting model, then its output."""
+    bars: list[tuple[str, float]] = []
+    for stage in stages:
+        m = stage.metrics
+        if _finite(m.get("eval/gold_score_init")) and not bars:  # later stages start where the last one ended
+            bars.append((f"{stage.name} start", m["eval/gold_score_init"]))
+        if _finite(m.get("eval/gold_score")):
+            bars.append((stage.name, m["eval/gold_score"]))
+    return bars
+
+
+# --------------------------------------------------------------------------------------------- HTML
+
+
+def render_html(cfg: Config, stages: Sequence[StageLogs], figures: Sequence[Figure]) -> str:
+    run_dir = Path(cfg.run_dir)
+    run_id_file = run_dir / "pipeline_run_id"
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else "(not tracked)"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>rlhf-pipeline report: {_e(cfg.profile)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-family:monospace}"
+        "figure{display:inline-block;margin:0.5em;max-width:48%}figure img{max-width:100%}"
+        "figcaption{font-size:13px;color:#555}code{background:#f3f3f3;padding:0 3px}</style></head><body>",
+        f"<h1>Pipeline report: profile <code>{_e(cfg.profile)}</code></h1>",
+        f"<p>Run directory <code>{_e(str(run_dir))}</code>, pipeline run <code>{_e(run_id)}</code> (the W&amp;B group); "
+        f"generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by <code>python -m pipeline report</code>.</p>",
+        "<h2>Stages</h2>", _stages_table(stages),
+        "<h2>Final metrics</h2>",
+        "<p>From each stage's summary.json. <code>*_init</code> is the stage's starting model, measured the same way "
+        "before training.</p>",
+        _metrics_table(stages),
+        "<h2>Plots</h2>",
+    ]
+    for fig in figures:
+        data = base64.b64encode(fig.path.read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{_e(fig.title)}'>"
+                     f"<figcaption><b>{_e(fig.title)}</b> ({_e(fig.path.name)}). {_e(fig.note)}</figcaption></figure>")
+    with_samples = [s for s in stages if s.samples]
+    if with_samples:
+        parts += ["<h2>Completions of held-out prompts</h2>", _samples_table(with_samples)]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _stages_table(stages: Sequence[StageLogs]) -> str:
+    rows = ["<table><tr><th>stage</th><th>directory</th><th>finished</th><th>wall time</th><th>steps</th>"
+            "<th>seed</th></tr>"]
+    for s in stages:
+        wall = s.summary.get("wall_time_s")
+        rows.append(
+            f"<tr><td>{_e(s.name)}</td><td><code>{_e(str(s.path))}</code></td>"
+            f"<td>{_e(str(s.summary.get('finished_at', '')))}</td>"
+            f"<td class='num'>{f'{wall:.0f} s' if _finite(wall) else ''}</td>"
+            f"<td class='num'>{_fmt(s.metrics.get(STEP))}</td><td class='num'>{_fmt(s.summary.get('seed'))}</td></tr>"
+        )
+    return "\n".join([*rows, "</table>"])
+
+
+def _metrics_table(stages: Sequence[StageLogs]) -> str:
+    keys: list[str] = []
+    for s in stages:
+        keys += [k for k in s.metrics if k not in keys]
+    rows = ["<table><tr><th>metric</th>" + "".join(f"<th>{_e(s.name)}</th>" for s in stages) + "</tr>"]
+    for key in keys:
+        cells = "".join(f"<td class='num'>{_fmt(s.metrics.get(key))}</td>" for s in stages)
+        rows.append(f"<tr><td><code>{_e(key)}</code></td>{cells}</tr>")
+    return "\n".join([*rows, "</table>"])
+
+
+def _samples_table(stages: Sequence[StageLogs]) -> str:
+    """Prompts down the side, each stage's first sampled completion (and the prompt's mean gold) across."""
+    prompts: list[str] = []
+    for s in stages:
+        prompts += [r["prompt"] for r in s.samples if r["prompt"] not in prompts]
+    prompts = prompts[:MAX_PROMPTS]
+    head = "".join(f"<th>{_e(s.name)} completion</th>" for s in stages)
+    rows = [f"<table><tr><th>prompt</th>{head}</tr>"]
+    for prompt in prompts:
+        cells = []
+        for s in stages:
+            mine = [r for r in s.samples if r["prompt"] == prompt]
+            if not mine:
+                cells.append("<td></td>")
+                continue
+            golds = [r["gold"] for r in mine if _finite(r.get("gold"))]
+            gold = f"<br><small>gold {sum(golds) / len(golds):.2f} over {len(golds)} samples</small>" if golds else ""
+            eos = "" if mine[0].get("ended", True) else " <small>[no EOS]</small>"
+            cells.append(f"<td><code>{_e(mine[0]['completion'])}</code>{eos}{gold}</td>")
+        rows.append(f"<tr><td><code>{_e(prompt)}</code></td>{''.join(cells)}</tr>")
+    return "\n".join([*rows, "</table>"])
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, row {i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}, row {i}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return _e(f"{v:.4g}" if math.isfinite(v) else str(v))
+    return "" if v is None else _e(str(v))
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
