@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import rlhf
+from pipeline import rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
 from pipeline.data import load_demonstrations, load_rankings, ranking_pairs
@@ -44,6 +44,7 @@ from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "rm"
+SCORE_COLUMNS = ("prompt", "completion", "rank", "reward", "gold")  # the eval/rm_scores table
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Ranking:
     pairs: list[tuple[int, int]]
 
 
+@tracking.tracked(STAGE)
 def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     started = time.time()
     r = cfg.rm
@@ -98,7 +100,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         train_dataset=train,
         data_collator=RankingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
         rm=r,
         held_out=held_out,
         gold=gold,
@@ -139,6 +141,12 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             normalization=normalization)
     save_stage_output(trainer, tokenizer, out, summary, {"scores.jsonl": table})
+    # One table row per completion, so W&B can sort and filter by reward, rank or gold score.
+    tracking.log_table("eval/rm_scores", SCORE_COLUMNS, [
+        [row["prompt"], c, rank, reward, row["gold"][k] if "gold" in row else None]
+        for row in table
+        for k, (c, rank, reward) in enumerate(zip(row["completions"], row["ranks"], row["rewards"], strict=True))
+    ])
     log.info("rm: wrote %s", out.final_dir)
     return metrics
 
