@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,28 @@ def read_wandb_records(path: Path) -> list[pb.Record]:
     return records
 
 
-def wandb_run(run_dir: Path, job_type: str) -> dict[str, Any]:
-    """The run, config, history rows, summary and artifacts of the offline W&B run of one stage."""
+def wandb_run(run_dir: Path, job_type: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The run, config, history rows, summary and artifacts of the offline W&B run of one stage.
+
+    wandb's service process writes the `.wandb` file; on a loaded machine its last records can land a
+    moment after `finish()` returns, so the file is polled until the run's exit record is in it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _wandb_run(run_dir, job_type)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _wandb_run(run_dir: Path, job_type: str) -> dict[str, Any]:
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         records = read_wandb_records(path)
         runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        if runs and runs[0].job_type == job_type:
+        finished = any(r.WhichOneof("record_type") == "exit" for r in records)
+        if runs and runs[0].job_type == job_type and finished:
             history = [
                 {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
                 for r in records if r.WhichOneof("record_type") == "history"
