@@ -146,7 +146,7 @@ def sft_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path
 def test_rm_output_loads_as_a_scalar_sequence_classifier_and_its_reward_is_normalized(
     make_config: Callable[..., Config], sft_dir: Path
 ) -> None:
-    cfg = make_config(f"rm.init={sft_dir}")
+    cfg = make_config(f"rm.init={sft_dir}", "rm.eval_steps=3")
     metrics = rm.run(cfg)
     out = cfg.stage_dir("rm")
     summary = json.loads((out / "summary.json").read_text())
@@ -154,6 +154,9 @@ def test_rm_output_loads_as_a_scalar_sequence_classifier_and_its_reward_is_norma
                 "eval/pairwise_acc_init", "rm/demo_reward_mean"):
         assert key in summary["metrics"], key
     assert summary["metrics"]["train/global_step"] == 6
+    # Held-out accuracy during training (every rm.eval_steps) is in the log history, for the report.
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "eval_pairwise_acc" in r] == [3, 6]
     # Normalized: the held-out demonstrations (sft.data.eval) average a reward of 0.
     assert abs(metrics["rm/demo_reward_mean"]) < 1e-4
     assert summary["normalization"]["method"] == "final_norm_bias"

@@ -98,6 +98,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         model=model,
         args=args,
         train_dataset=train,
+        eval_dataset=held_out or None,  # `evaluate` below scores it; the Trainer only checks that it exists
         data_collator=RankingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
@@ -132,7 +133,13 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # 6. Measure and save.
     table: list[dict[str, Any]] = []
     if held_out:
-        metrics.update({k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()})
+        # Accuracies do not move with the shift, only the reward statistics; log the final evaluation
+        # unless the Trainer's own (every rm.eval_steps) already did at this step.
+        evaluated = [h["step"] for h in trainer.state.log_history if "eval_pairwise_acc" in h]
+        final = trainer.held_out_metrics()
+        if not evaluated or evaluated[-1] != trainer.state.global_step:
+            trainer.log(dict(final))
+        metrics.update({k.replace("eval_", "eval/"): v for k, v in final.items()})
         table = trainer.score_table(held_out[: r.num_table_prompts])
     samples_agreement = _sft_samples_agreement(cfg, trainer, gold, r)
     if samples_agreement is not None:
@@ -301,13 +308,17 @@ class RankingTrainer(Trainer):
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """Held-out ranking metrics (see `ranking_metrics`), logged like the Trainer's own evaluation."""
-        rewards = score_rankings(self.model_wrapped, self.held_out, self.processing_class.pad_token_id,
-                                 self.rm.batch_size, self.accelerator)
-        metrics = ranking_metrics(rewards, [x.ranks for x in self.held_out], self._golds)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        metrics = self.held_out_metrics(metric_key_prefix)
         self.log(dict(metrics))  # a copy: `log` adds the epoch to the dict it is given
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def held_out_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """`ranking_metrics` of the current model on the held-out rankings, keys prefixed `<prefix>_`."""
+        rewards = score_rankings(self.model_wrapped, self.held_out, self.processing_class.pad_token_id,
+                                 self.rm.batch_size, self.accelerator)
+        metrics = ranking_metrics(rewards, [x.ranks for x in self.held_out], self._golds)
+        return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def score_table(self, rankings: list[Ranking]) -> list[dict[str, Any]]:
         """Prompt, completions, ranks, rewards (and gold scores) of a few held-out prompts, for inspection."""
