@@ -444,6 +444,8 @@ def _sft_samples_agreement(cfg: Config, trainer: RankingTrainer, gold: GoldFn | 
     path = cfg.stage_dir("sft") / "samples.jsonl"
     if gold is None or not path.is_file():
         return None
+    if json.loads((path.parent / "summary.json").read_text()).get("conversational"):
+        return None  # samples.jsonl keeps the plain user turn, not the chat-templated text the RM scores
     tokenizer = trainer.processing_class
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for line in path.read_text().splitlines():
