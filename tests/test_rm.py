@@ -243,3 +243,32 @@ def test_rm_bad_input_and_missing_sft_fail_with_one_clear_message(
         rm.run(make_config(f"rm.init={sft_dir}", "rm.max_length=512"))
     assert main(["rm", "--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'cli'}", f"rm.data.train={tied}"]) == 2
     assert "tied.jsonl, row 2" in capsys.readouterr().err
+
+
+def test_two_processes_score_every_held_out_prompt_once(make_config: Callable[..., Config], sft_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2`: the held-out rankings are split across processes and gathered, so the
+    untrained head's metrics equal the single-process ones exactly (41 prompts: the shards are uneven)."""
+    import subprocess
+    import sys
+
+    rankings = Path(make_config().rm.data.eval)
+    eval41 = _write(tmp_path / "eval41.jsonl", [json.loads(line) for line in rankings.read_text().splitlines()] * 2)
+    eval41.write_text("".join(eval41.read_text().splitlines(keepends=True)[:41]))
+    common = [f"rm.init={sft_dir}", f"rm.data.eval={eval41}", "rm.max_steps=2", "rm.batch_size=4"]
+    one = make_config(*common, run_dir=tmp_path / "one")
+    rm.run(one)
+    overrides = [f"{k}={v}" for k, v in (
+        ("run_dir", tmp_path / "two"), ("rm.data.train", one.rm.data.train), ("sft.data.eval", one.sft.data.eval),
+    )] + common
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+         "-m", "pipeline", "rm", "--config", "configs/tiny.yaml", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "rm" / "summary.json").read_text())["metrics"]
+    m2 = json.loads((tmp_path / "two" / "rm" / "summary.json").read_text())["metrics"]
+    for key in ("eval/pairwise_acc_init", "eval/rank1_acc_init", "eval/loss_init", "eval/reward_mean_init"):
+        assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+    assert m2["train/global_step"] == 2 and not (tmp_path / "two" / "rm.partial").exists()
