@@ -44,6 +44,9 @@ class DataConfig:
 
     train: str = _f(help="Training data: a .jsonl/.json/.parquet/.csv/.txt file, a folder, or a hub name.")
     eval: str | None = _f(None, help="Held-out data in the same format; null skips held-out evaluation.")
+    skip_invalid: bool = _f(
+        False, help="Drop rows that fail validation (logging how many and why) instead of stopping at the first."
+    )
 
 
 @dataclass(kw_only=True)

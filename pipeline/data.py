@@ -18,6 +18,11 @@ after the header) and the field:
 
     data/x.jsonl, row 7, field 'ranks': has 3 entries but 'completions' has 4
 
+Real data sets sometimes carry a few rows like that (a pair whose chosen and rejected replies are the
+same, an empty reply). With `skip_invalid=True` (config key `<stage>.data.skip_invalid`) such rows are
+dropped instead: the count and the first reasons are logged, and a source with no valid row is still an
+error. Unreadable files stay errors either way.
+
 ## The four kinds
 
 **corpus** (continued pretraining): `{"text": "..."}` with non-empty text, or a `.txt` file.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +63,8 @@ from typing import Any, Literal
 
 import datasets
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["corpus", "demonstrations", "rankings", "prompts"]
 Row = dict[str, Any]
@@ -347,53 +355,75 @@ _CHECKS: dict[str, Callable[[Row], tuple[str, Row]]] = {
 # Public API
 
 
-def load(kind: Kind, source: str) -> datasets.Dataset:
-    """Read and validate every row of `source` as `kind`; return the normalized data set."""
+def load(kind: Kind, source: str, skip_invalid: bool = False) -> datasets.Dataset:
+    """Read and validate every row of `source` as `kind`; return the normalized data set.
+
+    The first invalid row raises DataError, unless `skip_invalid`: then invalid rows are dropped and counted.
+    """
     if kind not in _CHECKS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(_CHECKS)}")
     check = _CHECKS[kind]
     rows: list[Row] = []
-    first: tuple[str, str, int] | None = None  # (format, origin, row) of the first row
+    skipped: list[str] = []
+    first: tuple[str, str, int] | None = None  # (format, origin, row) of the first valid row
     for origin, n, raw in _records(source, kind):
-        if not isinstance(raw, dict):
-            raise DataError(f"{origin}, row {n}: expected an object (one row of {kind}), got {_type(raw)}")
         try:
-            fmt, row = check(raw)
-        except _FieldError as e:
-            field = f", field '{e.field}'" if e.field else ""
-            raise DataError(f"{origin}, row {n}{field}: {e.message}") from None
-        if first is None:
-            first = (fmt, origin, n)
-        elif fmt != first[0]:
-            field = "messages" if "messages" in row else next(iter(row))
-            raise DataError(
-                f"{origin}, row {n}, field '{field}': this row is {fmt} but {first[1]}, row {first[2]} is "
-                f"{first[0]}; use one format per data set"
-            )
+            fmt, row = _check_row(check, kind, origin, n, raw, first)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            skipped.append(str(e))
+            continue
+        first = first or (fmt, origin, n)
         rows.append(row)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows that fail validation (skip_invalid is on); the first: %s",
+                    source, len(skipped), len(skipped) + len(rows), " | ".join(skipped[:3]))
     if not rows:
-        raise DataError(f"{source}: empty: no rows")
+        why = f" (all {len(skipped)} rows invalid; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{source}: empty: no rows{why}")
     return datasets.Dataset.from_list(rows)
 
 
-def load_corpus(source: str) -> datasets.Dataset:
+def _check_row(
+    check: Callable[[Row], tuple[str, Row]], kind: str, origin: str, n: int, raw: Any,
+    first: tuple[str, str, int] | None,
+) -> tuple[str, Row]:
+    """One row validated and normalized; DataError names the file, row and field."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{origin}, row {n}: expected an object (one row of {kind}), got {_type(raw)}")
+    try:
+        fmt, row = check(raw)
+    except _FieldError as e:
+        field = f", field '{e.field}'" if e.field else ""
+        raise DataError(f"{origin}, row {n}{field}: {e.message}") from None
+    if first is not None and fmt != first[0]:
+        field = "messages" if "messages" in row else next(iter(row))
+        raise DataError(
+            f"{origin}, row {n}, field '{field}': this row is {fmt} but {first[1]}, row {first[2]} is "
+            f"{first[0]}; use one format per data set"
+        )
+    return fmt, row
+
+
+def load_corpus(source: str, skip_invalid: bool = False) -> datasets.Dataset:
     """Pretraining text: column `text`."""
-    return load("corpus", source)
+    return load("corpus", source, skip_invalid)
 
 
-def load_demonstrations(source: str) -> datasets.Dataset:
+def load_demonstrations(source: str, skip_invalid: bool = False) -> datasets.Dataset:
     """SFT data: columns `prompt`, `completion`, or column `messages` (the two TRL formats)."""
-    return load("demonstrations", source)
+    return load("demonstrations", source, skip_invalid)
 
 
-def load_rankings(source: str) -> datasets.Dataset:
+def load_rankings(source: str, skip_invalid: bool = False) -> datasets.Dataset:
     """Reward-model data: columns `prompt` (str), `completions` (list[str]), `ranks` (list[int], 1 = best)."""
-    return load("rankings", source)
+    return load("rankings", source, skip_invalid)
 
 
-def load_prompts(source: str) -> datasets.Dataset:
+def load_prompts(source: str, skip_invalid: bool = False) -> datasets.Dataset:
     """PPO prompts: column `prompt` (str) or column `messages` (ending in a non-assistant turn)."""
-    return load("prompts", source)
+    return load("prompts", source, skip_invalid)
 
 
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:

@@ -360,3 +360,24 @@ def test_txt_only_for_corpora(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a prompt\n")
     with raises(tmp_path / "p.txt", None, None, "corpora only"):
         load_prompts(str(tmp_path / "p.txt"))
+
+
+def test_skip_invalid_drops_and_counts_bad_rows_but_never_returns_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+        {"chosen": HH_CHOSEN, "rejected": HH_CHOSEN},  # no preference: as some real hub rows are
+        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},  # empty reply
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+    ]
+    path = jsonl(tmp_path / "hh.jsonl", rows)
+    with raises(path, 2, "rejected", "identical"):
+        load_rankings(str(path))  # strict by default
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        ds = load_rankings(str(path), skip_invalid=True)
+    assert len(ds) == 2 and ds[0]["completions"] == [" Maybe Pixel, or Juniper.", " Cat."]
+    assert "skipped 2 of 4 rows" in caplog.text and "hh.jsonl, row 2, field 'rejected'" in caplog.text
+    bad = jsonl(tmp_path / "bad.jsonl", rows[1:3])
+    with raises(bad, None, None, r"empty: no rows \(all 2 rows invalid; the first: .*row 1"):
+        load_rankings(str(bad), skip_invalid=True)
