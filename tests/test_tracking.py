@@ -19,7 +19,7 @@ from wandb.proto import wandb_internal_pb2 as pb
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, load_config, to_dict
-from pipeline.stages import pretrain, sft
+from pipeline.stages import pretrain, rm, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,6 +164,31 @@ def test_offline_stages_log_config_metrics_samples_and_model_to_one_group(
     scalars = events.Tags()["scalars"]
     assert {"train/loss", "eval/loss", "eval/gold_score", "train/learning_rate"} <= set(scalars)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_offline_rm_run_joins_the_group_with_its_accuracy_series_and_scores_table(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config("rm.eval_steps=3", "rm.num_table_prompts=4")
+    pretrain.run(cfg)  # W&B disabled (conftest) for the stages this test does not read
+    sft.run(cfg)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rm.run(cfg)
+    w = wandb_run(Path(cfg.run_dir), "rm")
+    assert w["run"].run_group == (Path(cfg.run_dir) / "pipeline_run_id").read_text().strip()
+    # The untrained head at step 0, then every rm.eval_steps.
+    assert sorted(series(w["history"], "eval/pairwise_acc")) == [0, 3, 6]
+    assert sorted(series(w["history"], "train/accuracy")) == [1, 2, 3, 4, 5, 6]
+    # One table row per held-out completion of the first rm.num_table_prompts prompts, as scores.jsonl.
+    scores = [json.loads(line) for line in (cfg.stage_dir("rm") / "scores.jsonl").read_text().splitlines()]
+    (table_file,) = (w["dir"] / "files" / "media" / "table" / "eval").glob("rm_scores_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(rm.SCORE_COLUMNS)
+    assert [r[1:4] for r in table["data"]] == [
+        [c, k, pytest.approx(v)] for s in scores for c, k, v in zip(s["completions"], s["ranks"], s["rewards"], strict=True)
+    ]
+    assert w["summary"]["eval/pairwise_acc"] == pytest.approx(
+        json.loads((cfg.stage_dir("rm") / "summary.json").read_text())["metrics"]["eval/pairwise_acc"])
 
 
 def test_tracking_helpers_are_no_ops_without_a_run(make_config: Callable[..., Config], tmp_path: Path) -> None:
