@@ -171,10 +171,23 @@ def finish(final_dir: Path | None = None, exit_code: int = 0) -> None:
             sync_dir = run.settings.sync_dir
             run.finish(exit_code=exit_code)
         if offline:
-            log.info("%s: W&B run saved offline in %s (upload it with: wandb sync %s)",
-                     current.stage, sync_dir, sync_dir)
+            _sync_hint(current.cfg, current.stage, sync_dir)
     if current.tb_writer is not None:
         current.tb_writer.close()
+
+
+def _sync_hint(cfg: Config, stage: str, sync_dir: str) -> None:
+    """Say how to upload offline runs once per pipeline run, not once per stage: `make sft rm ppo` is
+    three processes, and one `wandb sync` with a glob uploads every stage's run, later ones included."""
+    wandb_dir = Path(cfg.run_dir) / "wandb"
+    marker = wandb_dir / f".sync-hint-{pipeline_run_id(cfg)}"
+    if marker.exists():
+        log.info("%s: W&B run saved offline in %s", stage, sync_dir)
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    log.info("%s: W&B runs are saved offline; upload this pipeline's runs (this stage's and the later "
+             "ones') with: wandb sync %s/offline-run-*", stage, wandb_dir)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -241,16 +241,23 @@ def test_no_wandb_login_runs_offline_without_prompting_and_says_once_how_to_sync
         "model.tiny.n_layer=1", "model.tiny.n_embd=32", "tokenizer.vocab_size=400", "pretrain.max_steps=3",
         "pretrain.batch_size=4", "pretrain.block_size=32", "pretrain.logging_steps=1",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "pretrain", "--config", "configs/tiny.yaml", *overrides],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
-    assert "no W&B login found" in output
+    output = ""
+    # Two stage processes of one pipeline run (the second reruns pretrain longer, as `make` would after an
+    # edit): the sync hint comes once, and its glob covers both runs.
+    for steps in (3, 4):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "pretrain", "--config", "configs/tiny.yaml", *overrides,
+             f"pretrain.max_steps={steps}"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        )
+        output += proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-3000:]
+    assert output.count("no W&B login found") == 2
     assert output.count("wandb sync") == 1, output[-3000:]
+    assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in output
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
     run = wandb_run(run_dir, "pretrain")
-    assert f"wandb sync {run['dir']}" in output
     assert series(run["history"], "train/loss").keys() == {1, 2, 3}
     assert not (home / ".netrc").exists()
     assert (run_dir / "pretrain" / "summary.json").is_file()
