@@ -120,11 +120,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     normalization: dict[str, Any] = {"data": demo_source}
     if demos is not None:
         demo_examples = encode_demonstrations(demos, tokenizer, r.max_length)
-        before = _mean_reward(trainer, demo_examples, r.batch_size)
+        before = _mean_reward(trainer, demo_examples)
         normalization["shift"] = before
         normalization["method"] = shift_reward(trainer.accelerator.unwrap_model(trainer.model), before)
         metrics["rm/demo_reward_mean_before_shift"] = before
-        metrics["rm/demo_reward_mean"] = _mean_reward(trainer, demo_examples, r.batch_size)
+        metrics["rm/demo_reward_mean"] = _mean_reward(trainer, demo_examples)
         log.info("rm: shifted rewards by %.4f (%s); held-out demonstrations now average %.2e",
                  -before, normalization["method"], metrics["rm/demo_reward_mean"])
     else:
@@ -137,11 +137,12 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         # Accuracies do not move with the shift, only the reward statistics; log the final evaluation
         # unless the Trainer's own (every rm.eval_steps) already did at this step.
         evaluated = [h["step"] for h in trainer.state.log_history if "eval_pairwise_acc" in h]
-        final = trainer.held_out_metrics()
+        rewards = trainer.score(held_out)
+        final = trainer.held_out_metrics(rewards)
         if not evaluated or evaluated[-1] != trainer.state.global_step:
             trainer.log(dict(final))
         metrics.update({k.replace("eval_", "eval/"): v for k, v in final.items()})
-        table = trainer.score_table(held_out[: r.num_table_prompts])
+        table = trainer.score_table(rewards[: r.num_table_prompts])
     samples_agreement = _sft_samples_agreement(cfg, trainer, gold, r)
     if samples_agreement is not None:
         metrics["eval/gold_agreement_sft_samples"] = samples_agreement
@@ -272,7 +273,6 @@ class RankingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.rm = rm
         self.held_out = held_out
-        self.gold = gold
         self._golds = [[gold(x.prompt, c, True) for c in x.completions] for x in held_out] if gold else None
         self._train_stats = torch.zeros(3)  # correct pairs, pairs, Σ(r_w − r_l) since the last log
 
@@ -309,24 +309,26 @@ class RankingTrainer(Trainer):
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """Held-out ranking metrics (see `ranking_metrics`), logged like the Trainer's own evaluation."""
-        metrics = self.held_out_metrics(metric_key_prefix)
+        metrics = self.held_out_metrics(self.score(self.held_out), metric_key_prefix)
         self.log(dict(metrics))  # a copy: `log` adds the epoch to the dict it is given
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def held_out_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """`ranking_metrics` of the current model on the held-out rankings, keys prefixed `<prefix>_`."""
-        rewards = score_rankings(self.model_wrapped, self.held_out, self.processing_class.pad_token_id,
-                                 self.rm.batch_size, self.accelerator)
+    def score(self, rankings: Sequence[Ranking]) -> list[list[float]]:
+        """The current model's reward of every completion of `rankings` (see `score_rankings`)."""
+        return score_rankings(self.model_wrapped, rankings, self.processing_class.pad_token_id, self.rm.batch_size,
+                              self.accelerator)
+
+    def held_out_metrics(self, rewards: list[list[float]], prefix: str = "eval") -> dict[str, float]:
+        """`ranking_metrics` of the held-out rankings from their `rewards`, keys prefixed `<prefix>_`."""
         metrics = ranking_metrics(rewards, [x.ranks for x in self.held_out], self._golds)
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
-    def score_table(self, rankings: list[Ranking]) -> list[dict[str, Any]]:
-        """Prompt, completions, ranks, rewards (and gold scores) of a few held-out prompts, for inspection."""
-        rewards = score_rankings(self.model_wrapped, rankings, self.processing_class.pad_token_id,
-                                 self.rm.batch_size, self.accelerator)
+    def score_table(self, rewards: list[list[float]]) -> list[dict[str, Any]]:
+        """Prompt, completions, ranks, rewards (and gold scores) of the first held-out prompts, for inspection:
+        as many as `rewards` has rows."""
         rows = []
-        for i, (x, rw) in enumerate(zip(rankings, rewards, strict=True)):
+        for i, (x, rw) in enumerate(zip(self.held_out, rewards, strict=False)):
             row: dict[str, Any] = {"prompt": x.prompt, "completions": x.completions, "ranks": x.ranks,
                                    "rewards": [round(v, 4) for v in rw]}
             if self._golds is not None:
@@ -430,9 +432,8 @@ def ranking_metrics(
     return metrics
 
 
-def _mean_reward(trainer: RankingTrainer, examples: list[Ranking], batch_size: int) -> float:
-    rewards = score_rankings(trainer.model_wrapped, examples, trainer.processing_class.pad_token_id, batch_size,
-                             trainer.accelerator)
+def _mean_reward(trainer: RankingTrainer, examples: list[Ranking]) -> float:
+    rewards = trainer.score(examples)
     return sum(r[0] for r in rewards) / len(rewards)
 
 
@@ -463,7 +464,7 @@ def _sft_samples_agreement(cfg: Config, trainer: RankingTrainer, gold: GoldFn | 
             ids.append(seq if row["ended"] else seq[:-1])
         rankings.append(Ranking(prompt, [x["completion"] for x in rows], [1] * len(rows), ids, []))
         golds.append([x["gold"] for x in rows])
-    rewards = score_rankings(trainer.model_wrapped, rankings, tokenizer.pad_token_id, r.batch_size, trainer.accelerator)
+    rewards = trainer.score(rankings)
     metrics = ranking_metrics(rewards, [x.ranks for x in rankings], golds)
     return metrics.get("gold_agreement")
 
