@@ -26,14 +26,14 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForSequenceClassification, GPT2Config, PrinterCallback, TrainingArguments
+from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline.config import DataConfig, RMConfig, TokenizerConfig
+from pipeline.config import DataConfig, ModelConfig, RMConfig, TokenizerConfig
 from pipeline.data import load_rankings, ranking_pairs
-from pipeline.modeling import build_tiny_tokenizer, ensure_distinct_pad, load_reward_model
+from pipeline.modeling import build_tiny_model, build_tiny_tokenizer, ensure_distinct_pad, load_reward_model
 from pipeline.stages.rm import RankingCollator, RankingTrainer, encode_rankings
 
 
@@ -53,8 +53,9 @@ def build_model(init: str | None):
         return load_reward_model(init)
     tokenizer = build_tiny_tokenizer(TokenizerConfig())
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=4, n_head=4, num_labels=1,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # The tiny profile's GPT-2 (the ModelConfig defaults), with a scalar head instead of the LM head.
+    config = build_tiny_model(ModelConfig(), tokenizer).config
+    config.num_labels = 1
     model = AutoModelForSequenceClassification.from_config(config)
     ensure_distinct_pad(model, tokenizer)
     return model, tokenizer
