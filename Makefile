@@ -21,7 +21,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm summary report test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo summary report test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,7 @@ install: $(STAMP)  ## create .venv and install torch + the pipeline (done automa
 pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
 rm: $(RUN)/rm/summary.json              ## stage 3: reward model on ranked completions (builds sft)
+ppo: $(RUN)/ppo/summary.json            ## stage 4: PPO-ptx against the reward model (builds sft and rm)
 
 # Per-stage stamps: rewritten only when that stage's part of the resolved config (profile + ARGS) or its
 # data files change, so a new sft.lr rebuilds sft but not pretrain.
@@ -53,6 +54,9 @@ $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pi
 
 $(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/stages/rm.py
 	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS)
+
+$(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS)
 
 FORCE:
 

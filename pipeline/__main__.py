@@ -107,6 +107,8 @@ def _data_sources(cfg: Config, stage: str) -> list[str]:
         sources.append(cfg.tokenizer.train_data)  # the tiny tokenizer is trained on it
     if stage == "rm":
         sources.append(cfg.rm.normalize_data or cfg.sft.data.eval)  # the reward is normalized on it
+    if stage == "ppo":  # the ptx term's corpus and the held-out corpus of its evaluation
+        sources += [cfg.ppo.ptx_data or cfg.pretrain.data.train, cfg.ppo.ptx_eval_data or cfg.pretrain.data.eval]
     return [s for s in sources if s]
 
 

@@ -194,6 +194,86 @@ class RMConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
+class PPOConfig:
+    """PPO-ptx (InstructGPT): the policy from SFT against the frozen reward model, a per-token KL penalty to the
+    frozen SFT reference, and γ_ptx × the LM loss of pretraining-corpus batches on every optimizer step."""
+
+    data: DataConfig = _f(help="Prompts (`prompt` or `messages` rows): train and held-out eval source.")
+    init: str | None = _f(
+        None, help="Policy to start from, also the frozen KL reference: a directory or hub id; null = the sft output."
+    )
+    reward_model: str | None = _f(
+        None, help="Frozen reward model: a directory or hub id; null = this profile's rm output."
+    )
+    value_init: str | None = _f(
+        None, help="Value model to start from (a reward-model directory); null = the reward model (InstructGPT)."
+    )
+    ptx_data: str | None = _f(
+        None, help="Pretraining corpus of the ptx term ({\"text\"} rows); null = pretrain.data.train."
+    )
+    ptx_eval_data: str | None = _f(
+        None, help="Held-out corpus whose LM loss is reported before and after PPO; null = pretrain.data.eval."
+    )
+    iterations: int = _f(60, help="PPO iterations: each samples a rollout batch, then optimizes on it.", ge=1)
+    rollout_batch_size: int = _f(64, help="Prompts sampled per iteration on each process (one completion each).", ge=1)
+    minibatch_size: int = _f(16, help="Completions per optimizer step; must divide rollout_batch_size.", ge=1)
+    ppo_epochs: int = _f(4, help="Passes over each rollout batch.", ge=1)
+    lr: float = _f(1e-5, help="AdamW learning rate of the policy and the value model.", gt=0)
+    lr_scheduler: Literal["linear", "constant"] = _f(
+        "linear", help="linear decays the learning rate to 0 over the run (as in the N+ details); or constant."
+    )
+    weight_decay: float = _f(0.0, help="AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, help="Gradient clipping norm.", gt=0)
+    max_prompt_length: int = _f(64, help="Longest prompt in tokens; longer ones lose their start.", ge=1)
+    max_new_tokens: int = _f(24, help="Completion budget; a completion that has not emitted EOS by then is cut.", ge=1)
+    temperature: float = _f(1.0, help="Sampling temperature (the log-probs PPO optimizes are at this temperature).",
+                            gt=0)
+    top_k: int = _f(0, help="Sample from the k most likely tokens only; 0 = off (off during RL is standard).", ge=0)
+    top_p: float = _f(1.0, help="Nucleus sampling mass; 1 = off.", gt=0, le=1)
+    kl_coef: float = _f(0.02, help="β of the per-token KL penalty −β(log π − log π_ref) (InstructGPT: 0.02).", ge=0)
+    target_kl: float | None = _f(
+        None, help="Adaptive KL controller (Ziegler et al. 2019): the KL per completion β is steered to; null = fixed β.",
+        gt=0,
+    )
+    kl_horizon: float = _f(10000, help="Horizon (completions) of the adaptive KL controller.", gt=0)
+    missing_eos_penalty: float | None = _f(
+        None, help="Subtracted from the reward-model score of a completion that never emitted EOS; null = off.", ge=0
+    )
+    gamma: float = _f(1.0, help="Discount of GAE.", ge=0, le=1)
+    lam: float = _f(0.95, help="λ of GAE.", ge=0, le=1)
+    clip_range: float = _f(0.2, help="ε of the clipped surrogate: the probability ratio is clipped to 1 ± ε.", gt=0)
+    clip_range_value: float = _f(0.2, help="Values may move this far from their rollout value before clipping.",
+                                 gt=0)
+    vf_coef: float = _f(0.1, help="Weight of the value loss.", ge=0)
+    whiten_rewards: bool = _f(False, help="Scale rewards by their batch std before GAE (the mean is kept).")
+    ptx_coef: float = _f(
+        1.0, help="γ_ptx: weight of the pretraining LM loss on each optimizer step; 0 = plain PPO (no ptx term).",
+        ge=0,
+    )
+    ptx_batch_size: int = _f(8, help="Corpus blocks in the ptx term of each optimizer step (per process).", ge=1)
+    ptx_block_size: int = _f(128, help="Tokens per packed corpus block of the ptx term.", ge=8)
+    eval_steps: int | None = _f(
+        None, help="Evaluate on held-out prompts every N iterations; null = before and after training only.", ge=1
+    )
+    eval_prompts: int = _f(96, help="Held-out prompts in each evaluation.", ge=1)
+    eval_samples_per_prompt: int = _f(4, help="Sampled completions per held-out prompt (temperature 1).", ge=1)
+    eval_corpus_blocks: int = _f(64, help="Held-out corpus blocks of the corpus-loss evaluation (0 = off).", ge=0)
+    logging_steps: int = _f(1, help="Log metrics every N iterations.", ge=1)
+    table_steps: int = _f(10, help="Log a table of sample completions every N iterations.", ge=1)
+    save_steps: int = _f(20, help="Write a resumable checkpoint every N iterations.", ge=1)
+    save_total_limit: int = _f(2, help="Checkpoints kept while the stage runs.", ge=1)
+    disable_dropout: bool = _f(True, help="Turn dropout off in every model, so rollout and training log-probs agree.")
+    bf16: bool = _f(False, help="Mixed precision in bfloat16 (GPUs that support it).")
+
+    def __post_init__(self) -> None:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ConfigError(
+                f"ppo.minibatch_size ({self.minibatch_size}) must divide ppo.rollout_batch_size "
+                f"({self.rollout_batch_size})"
+            )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole pipeline profile."""
 
@@ -209,13 +289,14 @@ class Config:
     pretrain: PretrainConfig = _f(help="Stage 1: continued pretraining.")
     sft: SFTConfig = _f(help="Stage 2: supervised fine-tuning.")
     rm: RMConfig = _f(help="Stage 3: reward model.")
+    ppo: PPOConfig = _f(help="Stage 4: PPO-ptx against the reward model.")
 
     def stage_dir(self, stage: str) -> Path:
         """The finished output directory of `stage` for this profile."""
         return Path(self.run_dir) / stage
 
 
-STAGES = ("pretrain", "sft", "rm")
+STAGES = ("pretrain", "sft", "rm", "ppo")
 
 # The top-level keys besides its own section that shape each stage's result. They decide when an
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
@@ -223,6 +304,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "tokenizer"),
     "sft": ("seed", "gold_reward"),
     "rm": ("seed", "gold_reward"),
+    "ppo": ("seed", "gold_reward"),
 }
 
 

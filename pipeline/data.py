@@ -54,15 +54,19 @@ only `prompt` (or `messages`) is read.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import datasets
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -429,3 +433,32 @@ def load_prompts(source: str, skip_invalid: bool = False) -> datasets.Dataset:
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     """Every (winner index, loser index) with ranks[winner] < ranks[loser]; tied completions give no pair."""
     return [(w, lo) for w in range(len(ranks)) for lo in range(len(ranks)) if ranks[w] < ranks[lo]]
+
+
+def pack_corpus(
+    corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, key: str = "pretrain.block_size"
+) -> datasets.Dataset:
+    """Tokenize every document, end it with EOS, concatenate, and cut into `block_size`-token blocks.
+
+    The trailing remainder shorter than a block is dropped (as in transformers' run_clm). Labels equal the
+    inputs: the model shifts them internally.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [[*x, eos] for x in ids]}
+
+    def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        flat = list(itertools.chain.from_iterable(batch["ids"]))
+        n = (len(flat) // block_size) * block_size
+        blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokenized = corpus.map(tokenize, batched=True, remove_columns=corpus.column_names, desc="Tokenizing corpus")
+    packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc="Packing blocks")
+    if len(packed) == 0:
+        raise DataError(
+            f"the corpus has fewer than {key}={block_size} tokens: nothing to train on"
+        )
+    return packed

@@ -234,6 +234,27 @@ def compute_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return logits - getattr(config, "reward_shift", 0.0)
 
 
+def token_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, T] the scalar head of a reward (or value) model applied at every position, shift included.
+
+    PPO needs what `compute_rewards` pools away: a value at every completion token, and the reward read at
+    a position it chooses (the last real token of a left-padded prompt + right-padded completion, whatever
+    the pad id). So this runs the backbone and the `score` head directly. Calling it on an unwrapped
+    model skips DDP's gradient hooks: wrap it in a module that goes through `accelerator.prepare` to train.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    scores = model.score(hidden).squeeze(-1).float()
+    return scores - getattr(model.config, "reward_shift", 0.0)
+
+
 def context_length(model: PreTrainedModel) -> int | None:
     """How many positions the model can attend over (GPT-2 `n_positions`, most others `max_position_embeddings`)."""
     config = model.config

@@ -13,12 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from itertools import chain
 from typing import Any
 
-from datasets import Dataset
 from transformers import (
-    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -29,39 +26,12 @@ from transformers import set_seed as hf_set_seed
 from pipeline import tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
-from pipeline.data import load_corpus
+from pipeline.data import load_corpus, pack_corpus
 from pipeline.modeling import context_length, load_base
 from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
-
-
-def pack_corpus(corpus: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> Dataset:
-    """Tokenize every document, end it with EOS, concatenate, and cut into `block_size`-token blocks.
-
-    The trailing remainder shorter than a block is dropped (as in transformers' run_clm). Labels equal the
-    inputs: the model shifts them internally.
-    """
-    eos = tokenizer.eos_token_id
-
-    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [[*x, eos] for x in ids]}
-
-    def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
-        flat = list(chain.from_iterable(batch["ids"]))
-        n = (len(flat) // block_size) * block_size
-        blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-    tokenized = corpus.map(tokenize, batched=True, remove_columns=corpus.column_names, desc="Tokenizing corpus")
-    packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc="Packing blocks")
-    if len(packed) == 0:
-        raise ConfigError(
-            f"the corpus has fewer than pretrain.block_size={block_size} tokens: nothing to train on"
-        )
-    return packed
 
 
 @tracking.tracked(STAGE)

@@ -1,0 +1,637 @@
+"""Stage 4, ppo: PPO-ptx (InstructGPT) against the frozen reward model, written on accelerate.
+
+Objective (Ouyang et al. 2022): maximize E_(x,y)~π [ r(x, y) − β log(π(y|x) / π_SFT(y|x)) ] + γ_ptx E_pretrain[log π(x)],
+with the KL term applied per token (Ziegler et al. 2019) and the pretraining term as an LM loss on corpus
+batches mixed into every optimizer step.
+
+setup → train → save:
+  1. validate the prompts and the corpus before any model is loaded;
+  2. load the policy (SFT output), the frozen reference (the same SFT weights), the frozen reward model and
+     the value model (initialised from the reward model, as InstructGPT does); dropout off everywhere;
+  3. measure the SFT policy once on held-out prompts: reward-model score, gold score, corpus loss;
+  4. for every iteration:
+       a. rollout: sample one completion per prompt with the KV cache; without gradients compute the
+          policy's and the reference's log-probs, the values and the reward-model score;
+       b. rewards: −β·KL per token plus the score at the last real token (minus a penalty if it never
+          ended); advantages by GAE, whitened over the batch; returns for the value loss;
+       c. optimize: `ppo_epochs` passes over minibatches; clipped surrogate + c_v · clipped value loss
+          + γ_ptx · LM loss on a corpus batch; gradient clipping; then update β (adaptive controller);
+       d. log, evaluate every `eval_steps`, checkpoint every `save_steps` (a rerun resumes there);
+  5. measure the final policy the same way; write the policy (AutoModelForCausalLM), the value model
+     (value_model/), samples and summary.json atomically.
+
+N processes (`accelerate launch`): each samples its own slice of the global prompt batch; advantages are
+whitened with the whole batch's statistics and every logged number is averaged over processes; only the
+main process writes. The math is in pipeline/rlhf.py, one pure function per formula.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import set_seed as hf_set_seed
+from trl.trainer.utils import disable_dropout_in_model
+
+from pipeline import rlhf, tracking
+from pipeline.checkpoint import StageOutput, _write_json, build_summary
+from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
+from pipeline.data import load_corpus, load_prompts, pack_corpus
+from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
+from pipeline.modeling import context_length, load_reward_model, load_stage_model, token_scores
+
+log = logging.getLogger(__name__)
+STAGE = "ppo"
+SAMPLE_COLUMNS = ("prompt", "completion", "score", "gold", "kl", "ended", "num_tokens")
+STATE_FILE = "ppo_state.json"
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models behind one forward, so one `accelerator.prepare` wraps both (DDP, FSDP, ZeRO)
+    and one backward syncs all gradients; the ptx batch goes through the same forward for the same reason."""
+
+    def __init__(self, policy: PreTrainedModel, value_model: PreTrainedModel):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        ptx_input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+        values = token_scores(self.value_model, input_ids, attention_mask, position_ids)
+        ptx_logits = None
+        if ptx_input_ids is not None:
+            ptx_logits = self.policy(input_ids=ptx_input_ids, use_cache=False).logits
+        return logits, values, ptx_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes: [B, P + R] sequences, [B, R] per-completion-token tensors, [B] scores."""
+
+    query_responses: torch.Tensor  # left-padded prompt (P tokens) + sampled completion (R tokens)
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    context_length: int  # P
+    mask: torch.Tensor  # [B, R] 1 up to and including EOS
+    ended: torch.Tensor  # [B] bool: the completion emitted EOS
+    logprobs: torch.Tensor  # [B, R] under the policy at sampling time
+    ref_logprobs: torch.Tensor  # [B, R] under the frozen reference
+    values: torch.Tensor  # [B, R] value of the state before each completion token
+    scores: torch.Tensor  # [B] reward-model score (missing-EOS penalty not applied)
+    prompts: list[str]  # plain prompt text (what the gold reward reads)
+    completions: list[str]
+    gold: list[float] | None
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.query_responses[:, self.context_length :]
+
+    def index(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k)[idx] for k in ("query_responses", "attention_mask", "position_ids", "mask",
+                                                   "logprobs", "values")}
+
+
+@tracking.tracked(STAGE)
+def run(cfg: Config) -> dict[str, Any]:
+    started = time.time()
+    p = cfg.ppo
+    hf_set_seed(cfg.seed)
+    accelerator = Accelerator(mixed_precision="bf16" if p.bf16 else "no")
+    is_main = accelerator.is_main_process
+
+    # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
+    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid))
+    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid))[: p.eval_prompts] if p.data.eval else []
+    ptx_source = p.ptx_data or cfg.pretrain.data.train
+    ptx_eval_source = p.ptx_eval_data or cfg.pretrain.data.eval
+    ptx_corpus = load_corpus(ptx_source) if p.ptx_coef > 0 else None
+    ptx_eval_corpus = load_corpus(ptx_eval_source) if ptx_eval_source and p.eval_corpus_blocks else None
+
+    # 2. Models: policy and reference from SFT, value model from the RM, frozen RM.
+    init = p.init or str(cfg.stage_dir("sft"))
+    rm_path = p.reward_model or str(cfg.stage_dir("rm"))
+    policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}")
+    ref_policy, _ = load_stage_model(init)
+    reward_model, _ = load_reward_model(rm_path, make_target=None if p.reward_model else f"rm PROFILE={cfg.profile}")
+    value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
+    _check_models(p, policy, reward_model, tokenizer)
+    gold = gold_function(cfg.gold_reward)
+    check_gold_covers(gold, eval_rows, tokenizer, "ppo.data.eval")
+    train_prompts = [render_prompt(r, tokenizer) for r in train_rows]
+    eval_prompts = [render_prompt(r, tokenizer) for r in eval_rows for _ in range(p.eval_samples_per_prompt)]
+    if p.disable_dropout:
+        for m in (policy, ref_policy, reward_model, value_model):
+            disable_dropout_in_model(m)
+    for m in (ref_policy, reward_model):
+        m.requires_grad_(False)
+        m.eval()
+        m.to(accelerator.device)
+
+    ptx_blocks = _blocks(ptx_corpus, tokenizer, p.ptx_block_size) if ptx_corpus is not None else None
+    eval_blocks = (_blocks(ptx_eval_corpus, tokenizer, p.ptx_block_size)[: p.eval_corpus_blocks]
+                   if ptx_eval_corpus is not None else None)
+
+    model = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
+    steps_per_iteration = p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size)
+    scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=0,
+                              num_training_steps=p.iterations * steps_per_iteration)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
+    resume_from = out.prepare(is_main=is_main)
+    tracking.start(cfg, STAGE, is_main=is_main)
+    state: dict[str, Any] = {"iteration": 0, "beta": p.kl_coef, "history": []}
+    if resume_from:
+        accelerator.load_state(resume_from)
+        state = json.loads((Path(resume_from) / STATE_FILE).read_text())
+        log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
+
+    def evaluate(step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics, samples = evaluate_policy(
+            accelerator, model, ref_policy, reward_model, tokenizer, eval_prompts, eval_blocks, p, gold,
+            seed=cfg.seed + 1,
+        )
+        tracking.log_metrics(metrics, step=step)
+        log.info("ppo: held-out at iteration %d: %s", step, _fmt(metrics))
+        return metrics, samples
+
+    # 3. The SFT policy, measured once (a resumed run reads the numbers saved before the interruption).
+    baseline = out.load_baseline()
+    if baseline is None:
+        baseline, _ = evaluate(0) if eval_prompts else ({}, [])
+        out.save_baseline(baseline)
+        if baseline:
+            state["history"].append({tracking.STEP: 0, **baseline})
+
+    # 4. Train.
+    beta = state["beta"]
+    progress = tqdm(range(state["iteration"], p.iterations), desc="PPO", disable=not is_main,
+                    initial=state["iteration"], total=p.iterations)
+    for iteration in progress:
+        step = iteration + 1
+        # a. rollout on this process's slice of the iteration's global prompt batch
+        batch = _iteration_prompts(train_prompts, p.rollout_batch_size, iteration, cfg.seed, accelerator)
+        rollout = generate_rollout(
+            accelerator, model, ref_policy, reward_model, tokenizer, batch, p, gold,
+            seed=cfg.seed * 1_000_003 + iteration * accelerator.num_processes + accelerator.process_index,
+        )
+        # b. rewards and advantages
+        scores = rollout.scores.clone()
+        if p.missing_eos_penalty is not None:
+            scores = scores - p.missing_eos_penalty * (~rollout.ended).float()
+        rewards, kl = rlhf.per_token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask, beta)
+        if p.whiten_rewards:
+            rewards = rlhf.masked_whiten(rewards, rollout.mask, shift_mean=False,
+                                         **_global_moments(accelerator, rewards, rollout.mask))
+        advantages, returns = rlhf.gae_advantages(rewards, rollout.values, rollout.mask, p.gamma, p.lam)
+        advantages = rlhf.masked_whiten(advantages, rollout.mask,
+                                        **_global_moments(accelerator, advantages, rollout.mask))
+        # c. PPO epochs over minibatches, each optimizer step with a ptx batch
+        train_stats = ppo_update(accelerator, model, optimizer, scheduler, rollout, advantages, returns,
+                                 ptx_blocks, p, cfg.seed, iteration)
+        metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
+        metrics.update(train_stats)
+        metrics["ppo/lr"] = scheduler.get_last_lr()[0]
+        if p.target_kl is not None:
+            beta = rlhf.adaptive_kl_beta(beta, metrics["ppo/kl"], p.target_kl, p.kl_horizon,
+                                         p.rollout_batch_size * accelerator.num_processes)
+        # d. log, evaluate, checkpoint
+        if step % p.logging_steps == 0 or step == p.iterations:
+            tracking.log_metrics(metrics, step=step)
+            state["history"].append({tracking.STEP: step, **metrics})
+            progress.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{metrics['ppo/kl']:.3f}",
+                                 **({"gold": f"{metrics['ppo/gold_score']:.3f}"} if gold else {}))
+        if step % p.table_steps == 0 or step == p.iterations:
+            _log_samples_table("ppo/samples", rollout, kl, n=8)
+        if p.eval_steps and step % p.eval_steps == 0 and step < p.iterations and eval_prompts:
+            state["history"].append({tracking.STEP: step, **evaluate(step)[0]})
+        state.update(iteration=step, beta=beta)
+        if step % p.save_steps == 0 and step < p.iterations:
+            _save_checkpoint(accelerator, out, state, step, p.save_total_limit)
+
+    # 5. The final policy, measured the same way, and the atomic save.
+    final, samples = evaluate(p.iterations) if eval_prompts else ({}, [])
+    if final:
+        state["history"].append({tracking.STEP: p.iterations, **final})
+    metrics = _summary_metrics(final, baseline, state, p)
+    summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, reward_model=rm_path,
+                            resumed_from=resume_from)
+    staging = out.begin_final()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
+    if is_main:
+        unwrapped.policy.save_pretrained(
+            staging, state_dict={k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+        )
+        tokenizer.save_pretrained(staging)
+        value_dir = staging / "value_model"
+        unwrapped.value_model.save_pretrained(
+            value_dir,
+            state_dict={k[len("value_model."):]: v for k, v in state_dict.items() if k.startswith("value_model.")},
+        )
+        value_tokenizer.save_pretrained(value_dir)
+        _write_jsonl(staging / "log_history.jsonl", state["history"])
+        _write_jsonl(staging / "samples.jsonl", samples)
+        out.commit(summary)
+    accelerator.wait_for_everyone()
+    tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples[:64]])
+    log.info("ppo: wrote %s (%s)", out.final_dir, _fmt(metrics))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------- rollout
+
+
+@torch.no_grad()
+def generate_rollout(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    ref_policy: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[tuple[str, str]],
+    p: PPOConfig,
+    gold: Any,
+    seed: int,
+    with_values: bool = True,
+) -> Rollout:
+    """Sample one completion of each (model text, plain text) prompt and score it, all without gradients.
+
+    Sampling runs on the unwrapped policy in eval mode with the KV cache; the log-probs are then recomputed
+    by a plain forward (the numbers PPO's ratio compares against), at the sampling temperature.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    policy = unwrapped.policy
+    device = accelerator.device
+    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, next to the completion
+    try:
+        enc = tokenizer([t for t, _ in prompts], return_tensors="pt", padding=True, truncation=True,
+                        max_length=p.max_prompt_length, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
+    context = enc["input_ids"].shape[1]
+    was_training = unwrapped.training
+    unwrapped.eval()
+    torch.manual_seed(seed)  # the sampling noise of this batch, whatever ran before (resume is exact)
+    sequences = policy.generate(
+        **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    # Every batch has R = max_new_tokens completion columns, so N processes gather equal shapes.
+    responses = sequences[:, context:]
+    if responses.shape[1] < p.max_new_tokens:
+        pad = responses.new_full((len(responses), p.max_new_tokens - responses.shape[1]), tokenizer.pad_token_id)
+        responses = torch.cat([responses, pad], dim=1)
+    mask, ended = rlhf.completion_mask(responses, tokenizer.eos_token_id)
+    query_responses = torch.cat([enc["input_ids"], responses], dim=1)
+    attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    logprobs, ref_logprobs, values, scores = [], [], [], []
+    last = context + rlhf.last_token_index(mask)
+    for i in range(0, len(prompts), p.minibatch_size):  # forwards in minibatch-size chunks bound the memory
+        sl = slice(i, i + p.minibatch_size)
+        ids, att, pos = query_responses[sl], attention_mask[sl], position_ids[sl]
+        logits = policy(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+        logprobs.append(_response_logprobs(logits, ids, context, p.temperature))
+        ref_logits = ref_policy(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+        ref_logprobs.append(_response_logprobs(ref_logits, ids, context, p.temperature))
+        if with_values:
+            values.append(token_scores(unwrapped.value_model, ids, att, pos)[:, context - 1 : -1])
+        rm = token_scores(reward_model, ids, att, pos)
+        scores.append(rm[torch.arange(len(ids), device=device), last[sl]])
+    unwrapped.train(was_training)
+
+    completions = []
+    for row, m in zip(responses, mask, strict=True):
+        completions.append(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True))
+    plain = [q for _, q in prompts]
+    logprobs_t = torch.cat(logprobs) * mask
+    return Rollout(
+        query_responses=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        context_length=context,
+        mask=mask,
+        ended=ended,
+        logprobs=logprobs_t,
+        ref_logprobs=torch.cat(ref_logprobs) * mask,
+        values=torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t),
+        scores=torch.cat(scores),
+        prompts=plain,
+        completions=completions,
+        gold=[gold(q, c, bool(e)) for q, c, e in zip(plain, completions, ended, strict=True)] if gold else None,
+    )
+
+
+def _response_logprobs(logits: torch.Tensor, ids: torch.Tensor, context: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the completion tokens: position t of the sequence predicts token t + 1."""
+    return rlhf.logprobs_from_logits(logits[:, context - 1 : -1] / temperature, ids[:, context:])
+
+
+# ------------------------------------------------------------------------------------------------- update
+
+
+def ppo_update(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    ptx_blocks: torch.Tensor | None,
+    p: PPOConfig,
+    seed: int,
+    iteration: int,
+) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch."""
+    model.train()
+    gen = torch.Generator().manual_seed(seed * 7919 + iteration)
+    context = rollout.context_length
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(len(rollout.mask), generator=gen).to(rollout.mask.device)
+        for start in range(0, len(order), p.minibatch_size):
+            idx = order[start : start + p.minibatch_size]
+            mb = rollout.index(idx)
+            ptx_ids = None
+            if ptx_blocks is not None:
+                step_index = iteration * p.ppo_epochs * (len(order) // p.minibatch_size) + steps
+                ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
+            with accelerator.autocast():
+                logits, values, ptx_logits = model(mb["query_responses"], mb["attention_mask"], mb["position_ids"],
+                                                   ptx_ids)
+            logits = logits[:, context - 1 : -1].float() / p.temperature
+            logprobs = rlhf.logprobs_from_logits(logits, mb["query_responses"][:, context:])
+            values = values[:, context - 1 : -1]
+            mask = mb["mask"]
+            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range)
+            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value)
+            ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
+            loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                stats = {
+                    "ppo/policy_loss": pg_loss,
+                    "ppo/value_loss": vf_loss,
+                    "ppo/loss": loss,
+                    "ppo/clip_frac": pg_stats["clip_frac"],
+                    "ppo/approx_kl": pg_stats["approx_kl"],
+                    "ppo/value_clip_frac": vf_clip,
+                    "ppo/entropy": rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask),
+                    "ppo/grad_norm": grad_norm if grad_norm is not None else torch.tensor(float("nan")),
+                }
+                if ptx is not None:
+                    stats["ppo/ptx_loss"] = ptx
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            steps += 1
+    local = {k: v / steps for k, v in sums.items()}
+    return _mean_over_processes(accelerator, local)
+
+
+def _ptx_batch(blocks: torch.Tensor, step: int, batch_size: int, seed: int, accelerator: Accelerator) -> torch.Tensor:
+    """The corpus blocks of optimizer step `step` on this process: a fixed shuffled order, cycled, so a
+    resumed run continues with the same blocks it would have seen."""
+    per_step = batch_size * accelerator.num_processes
+    start = step * per_step + accelerator.process_index * batch_size
+    epoch, offset = divmod(start, len(blocks))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch))
+    idx = torch.cat([order, torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch + 1))])
+    return blocks[idx[offset : offset + batch_size]].to(accelerator.device)
+
+
+def _iteration_prompts(
+    prompts: list[tuple[str, str]], batch_size: int, iteration: int, seed: int, accelerator: Accelerator
+) -> list[tuple[str, str]]:
+    """This process's prompts of iteration `iteration`: epochs of shuffled prompts, cut into global batches."""
+    global_size = batch_size * accelerator.num_processes
+    start = iteration * global_size + accelerator.process_index * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
+        out.append(prompts[int(order[offset])])
+    return out
+
+
+def _blocks(corpus: Any, tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
+    return torch.tensor(pack_corpus(corpus, tokenizer, block_size, key="ppo.ptx_block_size")["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def _global_moments(accelerator: Accelerator, values: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masked mean and (Bessel-corrected) variance over every process's batch."""
+    if accelerator.num_processes == 1:
+        return {"mean": rlhf.masked_mean(values, mask), "var": rlhf.masked_var(values, mask)}
+    sums = torch.stack([(values * mask).sum(), mask.sum()])
+    sums = accelerator.reduce(sums, reduction="sum")
+    mean = sums[0] / sums[1]
+    sq = accelerator.reduce((((values - mean) ** 2) * mask).sum(), reduction="sum")
+    return {"mean": mean, "var": sq / (sums[1] - 1).clamp(min=1)}
+
+
+def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over processes (equal batch sizes per process, so a mean of means is fair)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _rollout_metrics(
+    accelerator: Accelerator, r: Rollout, kl: torch.Tensor, rewards: torch.Tensor, returns: torch.Tensor,
+    beta: float,
+) -> dict[str, float]:
+    """Per-iteration statistics of the sampled batch; KL is per completion (summed over its tokens)."""
+    k1, k3 = rlhf.kl_estimates(r.logprobs, r.ref_logprobs)
+    kl_seq = (k1 * r.mask).sum(1)
+    m = {
+        "ppo/score": r.scores.mean(),
+        "ppo/kl": kl_seq.mean(),
+        "ppo/kl_k3": (k3 * r.mask).sum(1).mean(),
+        "ppo/kl_penalty": beta * kl_seq.mean(),
+        "ppo/reward": (rewards * r.mask).sum(1).mean(),
+        "ppo/beta": torch.tensor(beta),
+        "ppo/completion_length": r.mask.sum(1).mean(),
+        "ppo/eos_rate": r.ended.float().mean(),
+        "ppo/value_mean": rlhf.masked_mean(r.values, r.mask),
+        "ppo/explained_var": rlhf.explained_variance(r.values, returns, r.mask),
+    }
+    if r.gold is not None:
+        m["ppo/gold_score"] = torch.tensor(sum(r.gold) / len(r.gold))
+    del kl  # the reward's k1 is `ppo/kl`: recomputed above from the log-probs so both estimators match
+    return _mean_over_processes(accelerator, {k: float(v) for k, v in m.items()})
+
+
+@torch.no_grad()
+def evaluate_policy(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    ref_policy: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[tuple[str, str]],
+    corpus_blocks: torch.Tensor | None,
+    p: PPOConfig,
+    gold: Any,
+    seed: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out metrics of the current policy: sampled completions (temperature 1) scored by the reward model
+    and the gold reward, their KL to the SFT reference, and the LM loss on held-out corpus blocks.
+
+    Prompts are split over processes and the per-sample records gathered, so the numbers are global. The
+    same seed at every evaluation: the SFT-vs-PPO difference is the policy's, not the sampling noise's.
+    """
+    records: list[dict[str, Any]] = []
+    with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
+        for i in range(0, len(mine), p.rollout_batch_size):
+            chunk = [prompts[j] for j in mine[i : i + p.rollout_batch_size]]
+            r = generate_rollout(accelerator, model, ref_policy, reward_model, tokenizer, chunk, p, gold,
+                                 seed=seed + 7_919 * accelerator.process_index + i, with_values=False)
+            kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
+            for b in range(len(chunk)):
+                records.append({
+                    "prompt": r.prompts[b], "completion": r.completions[b], "score": float(r.scores[b]),
+                    "gold": r.gold[b] if r.gold is not None else None, "kl": float(kl[b]),
+                    "ended": bool(r.ended[b]), "num_tokens": int(r.mask[b].sum()),
+                })
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    n = len(records)
+    metrics = {
+        "eval/score": sum(r["score"] for r in records) / n,
+        "eval/kl": sum(r["kl"] for r in records) / n,
+        "eval/eos_rate": sum(r["ended"] for r in records) / n,
+        "eval/completion_length": sum(r["num_tokens"] for r in records) / n,
+    }
+    if gold is not None:
+        metrics["eval/gold_score"] = sum(r["gold"] for r in records) / n
+        metrics["eval/perfect_rate"] = sum(math.isclose(r["gold"], 1.0) for r in records) / n
+    if corpus_blocks is not None and len(corpus_blocks):
+        metrics["eval/corpus_loss"] = corpus_loss(accelerator, model, corpus_blocks, p.ptx_batch_size)
+    return metrics, records
+
+
+@torch.no_grad()
+def corpus_loss(accelerator: Accelerator, model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean LM loss of the policy on held-out corpus blocks (what the ptx term protects), over all processes."""
+    policy = accelerator.unwrap_model(model).policy
+    was_training = policy.training
+    policy.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    with accelerator.split_between_processes(list(range(len(blocks)))) as mine:
+        for i in range(0, len(mine), batch_size):
+            ids = blocks[mine[i : i + batch_size]].to(accelerator.device)
+            logits = policy(input_ids=ids, use_cache=False).logits
+            total += rlhf.lm_loss(logits, ids) * len(ids)
+            count += len(ids)
+    policy.train(was_training)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count)
+
+
+def _summary_metrics(final: dict[str, float], baseline: dict[str, float], state: dict[str, Any],
+                     p: PPOConfig) -> dict[str, Any]:
+    """Final held-out metrics, the SFT policy's as `<key>_init`, and the gains that matter."""
+    metrics: dict[str, Any] = {"ppo/iterations": p.iterations, "ppo/beta": state["beta"]}
+    last = next((r for r in reversed(state["history"]) if "ppo/score" in r), {})
+    metrics.update({k: last[k] for k in ("ppo/score", "ppo/kl", "ppo/gold_score") if k in last})
+    metrics.update(final)
+    metrics.update({f"{k}_init": v for k, v in baseline.items()})
+    if "eval/kl" in final:
+        metrics["eval/kl_to_sft"] = final["eval/kl"]
+    for key in ("eval/gold_score", "eval/score"):
+        if key in final and key in baseline:
+            metrics[f"{key}_gain"] = final[key] - baseline[key]
+    return metrics
+
+
+def _log_samples_table(name: str, r: Rollout, kl: torch.Tensor, n: int) -> None:
+    if not tracking.is_active():
+        return
+    kl_seq = kl.sum(1)
+    rows = [[r.prompts[i], r.completions[i], float(r.scores[i]), r.gold[i] if r.gold else None, float(kl_seq[i]),
+             bool(r.ended[i]), int(r.mask[i].sum())] for i in range(min(n, len(r.prompts)))]
+    tracking.log_table(name, SAMPLE_COLUMNS, rows)
+
+
+# ------------------------------------------------------------------------------------------------- setup / save
+
+
+def _check_models(p: PPOConfig, policy: PreTrainedModel, reward_model: PreTrainedModel,
+                  tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fail before training when the models cannot work together."""
+    max_pos = context_length(policy)
+    if max_pos and p.max_prompt_length + p.max_new_tokens > max_pos:
+        raise ConfigError(f"'ppo.max_prompt_length' + 'ppo.max_new_tokens' ({p.max_prompt_length} + "
+                          f"{p.max_new_tokens}) exceed the policy's context ({max_pos})")
+    vocab = policy.get_input_embeddings().num_embeddings
+    rm_vocab = reward_model.get_input_embeddings().num_embeddings
+    if rm_vocab < vocab:
+        raise ConfigError(f"the reward model's vocabulary ({rm_vocab}) is smaller than the policy's ({vocab}): "
+                          "'ppo.reward_model' must be trained from the same base model and tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the policy's tokenizer has no EOS token: completions could never end")
+
+
+def _save_checkpoint(accelerator: Accelerator, out: StageOutput, state: dict[str, Any], step: int,
+                     keep: int) -> None:
+    """accelerate's full state (models, optimizer, scheduler, RNG) plus ours (iteration, β, history), written
+    to a temporary name and renamed, so an interruption mid-save never leaves a checkpoint to resume from."""
+    final = out.checkpoints_dir / f"checkpoint-{step}"
+    tmp = out.checkpoints_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        _write_json(tmp / STATE_FILE, state)
+        tmp.rename(final)
+        old = sorted(out.checkpoints_dir.glob("checkpoint-*[0-9]"), key=lambda d: int(d.name.split("-")[-1]))
+        for d in old[:-keep]:
+            shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
