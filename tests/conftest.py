@@ -69,7 +69,39 @@ def make_config(small_data: dict[str, Path], tmp_path: Path) -> Callable[..., Co
             "rm.max_steps=6",
             "rm.batch_size=8",
             "rm.logging_steps=1",
+            "ppo.iterations=4",
+            "ppo.rollout_batch_size=8",
+            "ppo.minibatch_size=4",
+            "ppo.ppo_epochs=2",
+            "ppo.max_new_tokens=8",
+            "ppo.eval_prompts=6",
+            "ppo.eval_samples_per_prompt=2",
+            "ppo.ptx_batch_size=2",
+            "ppo.ptx_block_size=32",
+            "ppo.eval_corpus_blocks=4",
+            "ppo.eval_steps=2",
+            "ppo.save_steps=2",
+            "ppo.table_steps=2",
         ]
         return load_config(ROOT / "configs" / f"{profile}.yaml", [*base, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path]) -> Path:
+    """A small SFT model (pretrain and SFT for a few steps) that the RM and PPO tests start from."""
+    from pipeline.stages import pretrain, sft
+
+    run = tmp_path_factory.mktemp("chain")
+    cfg = load_config("configs/tiny.yaml", [
+        f"run_dir={run}", f"tokenizer.train_data={small_data['corpus_train']}", "tokenizer.vocab_size=600",
+        f"pretrain.data.train={small_data['corpus_train']}", f"pretrain.data.eval={small_data['corpus_eval']}",
+        f"sft.data.train={small_data['demos_train']}", f"sft.data.eval={small_data['demos_eval']}",
+        "model.tiny.n_layer=2", "model.tiny.n_embd=64", "pretrain.block_size=64", "pretrain.max_steps=30",
+        "pretrain.batch_size=8", "sft.max_steps=20", "sft.batch_size=16", "sft.generation.num_prompts=8",
+        "sft.generation.samples_per_prompt=4", "sft.generation.max_new_tokens=8",
+    ])
+    pretrain.run(cfg)
+    sft.run(cfg)
+    return run / "sft"

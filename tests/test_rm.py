@@ -25,7 +25,7 @@ from pipeline.modeling import (
     ensure_distinct_pad,
     shift_reward,
 )
-from pipeline.stages import pretrain, rm, sft
+from pipeline.stages import rm
 from pipeline.stages.rm import Ranking, RankingCollator, _fit, ranking_metrics
 
 # ------------------------------------------------------------------------------------------ batching
@@ -122,25 +122,6 @@ def test_a_pad_token_equal_to_eos_is_replaced_for_the_reward_model(small_data: d
 
 
 # ------------------------------------------------------------------------------------------ stage
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path]) -> Path:
-    """A small SFT model (pretrain and SFT for a few steps) that the RM tests start from."""
-    from pipeline.config import load_config
-
-    run = tmp_path_factory.mktemp("chain")
-    cfg = load_config("configs/tiny.yaml", [
-        f"run_dir={run}", f"tokenizer.train_data={small_data['corpus_train']}", "tokenizer.vocab_size=600",
-        f"pretrain.data.train={small_data['corpus_train']}", f"pretrain.data.eval={small_data['corpus_eval']}",
-        f"sft.data.train={small_data['demos_train']}", f"sft.data.eval={small_data['demos_eval']}",
-        "model.tiny.n_layer=2", "model.tiny.n_embd=64", "pretrain.block_size=64", "pretrain.max_steps=30",
-        "pretrain.batch_size=8", "sft.max_steps=20", "sft.batch_size=16", "sft.generation.num_prompts=8",
-        "sft.generation.samples_per_prompt=4", "sft.generation.max_new_tokens=8",
-    ])
-    pretrain.run(cfg)
-    sft.run(cfg)
-    return run / "sft"
 
 
 def test_rm_output_loads_as_a_scalar_sequence_classifier_and_its_reward_is_normalized(

@@ -1,0 +1,233 @@
+"""The PPO-ptx stage: masks and padding in rollouts, the outputs and their loading, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
+
+from pipeline import rlhf
+from pipeline.__main__ import main
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.modeling import load_stage_model, token_scores
+from pipeline.stages import ppo, rm
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path], sft_dir: Path) -> Path:
+    """A reward model trained for a few steps on the small SFT model."""
+    cfg = _config(small_data, tmp_path_factory.mktemp("rm"), (f"rm.init={sft_dir}",))
+    rm.run(cfg)
+    return cfg.stage_dir("rm")
+
+
+def _config(small_data: dict[str, Path], run_dir: Path, overrides: tuple[str, ...]) -> Config:
+    base = [
+        f"run_dir={run_dir}", f"tokenizer.train_data={small_data['corpus_train']}",
+        f"pretrain.data.train={small_data['corpus_train']}", f"pretrain.data.eval={small_data['corpus_eval']}",
+        f"sft.data.eval={small_data['demos_eval']}",
+        f"rm.data.train={small_data['rankings_train']}", f"rm.data.eval={small_data['rankings_eval']}",
+        "rm.max_steps=6", "rm.batch_size=8",
+    ]
+    return load_config("configs/tiny.yaml", [*base, *overrides])
+
+
+def _tiny_models(vocab: int = 50) -> tuple[GPT2LMHeadModel, GPT2ForSequenceClassification]:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=1,
+                        eos_token_id=0, bos_token_id=0, num_labels=1)
+    return GPT2LMHeadModel(config).eval(), GPT2ForSequenceClassification(config).eval()
+
+
+# ------------------------------------------------------------------------------------------ masks and padding
+
+
+def test_left_padding_changes_no_log_prob_value_or_reward() -> None:
+    """A prompt padded on the left (as in a batch with a longer prompt) must give the same per-token
+    log-probs, values and reward as the same prompt alone: the attention mask hides the padding and the
+    position ids start at the first real token."""
+    policy, value = _tiny_models()
+    prompt, completion = [5, 6, 7], [8, 9, 0, 1, 1]  # completion: two tokens, EOS (0), then padding (1)
+    mask, ended = rlhf.completion_mask(torch.tensor([completion]), eos_token_id=0)
+    assert mask.tolist() == [[1, 1, 1, 0, 0]] and ended.tolist() == [True]
+
+    def run(left_pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([[1] * left_pad + prompt + completion])
+        attention = torch.cat([torch.tensor([[0] * left_pad + [1] * len(prompt)]), mask.long()], dim=1)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        context = left_pad + len(prompt)
+        with torch.no_grad():
+            logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+            logprobs = ppo._response_logprobs(logits, ids, context, temperature=1.0) * mask
+            scores = token_scores(value, ids, attention, positions)
+        values = scores[:, context - 1 : -1] * mask
+        reward = scores[0, context + int(rlhf.last_token_index(mask)[0])]
+        return logprobs, values, reward
+
+    lp0, v0, r0 = run(0)
+    lp3, v3, r3 = run(3)
+    assert torch.allclose(lp0, lp3, atol=1e-5) and torch.allclose(v0, v3, atol=1e-5)
+    assert float(r0) == pytest.approx(float(r3), abs=1e-5)
+    # The reward is read at the EOS: the same as the sequence-classification head pools on an unpadded input.
+    with torch.no_grad():
+        pooled = value(input_ids=torch.tensor([prompt + completion[:3]])).logits[0, 0]
+    assert float(r0) == pytest.approx(float(pooled), abs=1e-5)
+
+
+def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
+    cfg = _config_for_unit(sft_dir, rm_dir)
+    accelerator = Accelerator(cpu=True)
+    policy, tokenizer = load_stage_model(sft_dir)
+    ref, _ = load_stage_model(sft_dir)
+    from pipeline.modeling import load_reward_model
+
+    reward_model, _ = load_reward_model(rm_dir)
+    value_model, _ = load_reward_model(rm_dir)
+    model = ppo.PolicyAndValue(policy, value_model)
+    prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
+    r = ppo.generate_rollout(accelerator, model, ref, reward_model, tokenizer, prompts, cfg.ppo, gold=None, seed=0)
+    R = cfg.ppo.max_new_tokens
+    assert r.responses.shape == (2, R) and r.mask.shape == (2, R) and r.logprobs.shape == (2, R)
+    # Left padding: the shorter prompt starts with padding the attention mask hides.
+    assert r.attention_mask[0, 0] == 0 and r.attention_mask[1, 0] == 1
+    for b in range(2):
+        n = int(r.mask[b].sum())
+        assert r.mask[b, :n].eq(1).all() and r.mask[b, n:].eq(0).all()  # a prefix of ones
+        assert r.logprobs[b, n:].eq(0).all() and r.ref_logprobs[b, n:].eq(0).all() and r.values[b, n:].eq(0).all()
+        if r.ended[b]:
+            assert int(r.responses[b, n - 1]) == tokenizer.eos_token_id
+        # Policy = reference at the start: no KL yet.
+        assert torch.allclose(r.logprobs[b], r.ref_logprobs[b], atol=1e-5)
+        # The score is the reward model's on prompt + completion (EOS included), unpadded.
+        ids = tokenizer(prompts[b][0], add_special_tokens=False)["input_ids"] + r.responses[b, :n].tolist()
+        with torch.no_grad():
+            expected = token_scores(reward_model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        assert float(r.scores[b]) == pytest.approx(float(expected[0, -1]), abs=1e-4)
+
+
+def _config_for_unit(sft_dir: Path, rm_dir: Path) -> Config:
+    return load_config("configs/tiny.yaml", [f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}",
+                                             "ppo.max_new_tokens=8", "ppo.minibatch_size=2",
+                                             "ppo.rollout_batch_size=2"])
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def test_ppo_writes_a_policy_a_value_model_and_the_metrics_of_every_iteration(
+    make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path
+) -> None:
+    cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}")
+    metrics = ppo.run(cfg)
+    out = cfg.stage_dir("ppo")
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("eval/gold_score", "eval/gold_score_init", "eval/gold_score_gain", "eval/kl_to_sft", "eval/score",
+                "eval/score_init", "eval/corpus_loss", "eval/corpus_loss_init", "ppo/kl", "ppo/score"):
+        assert key in summary["metrics"], key
+    assert metrics["eval/kl_init"] == pytest.approx(0.0, abs=1e-5)  # the SFT policy against itself
+    assert metrics["eval/gold_score_gain"] == pytest.approx(metrics["eval/gold_score"] - metrics["eval/gold_score_init"])
+
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    train_rows = [r for r in history if "ppo/score" in r]
+    assert [r["train/global_step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("ppo/score", "ppo/kl", "ppo/kl_k3", "ppo/kl_penalty", "ppo/beta", "ppo/entropy", "ppo/policy_loss",
+                "ppo/value_loss", "ppo/clip_frac", "ppo/approx_kl", "ppo/explained_var", "ppo/ptx_loss",
+                "ppo/completion_length", "ppo/eos_rate", "ppo/gold_score"):
+        assert key in train_rows[-1], key
+    assert train_rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-4)  # sampled before the first update
+    assert [r["train/global_step"] for r in history if "eval/gold_score" in r] == [0, 2, 4]
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 * 2 and set(ppo.SAMPLE_COLUMNS) <= set(samples[0])
+
+    # The policy is a plain causal LM for the next user; the value model sits beside it.
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tokenizer("count to two\n", return_tensors="pt")
+    generated = policy.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > enc["input_ids"].shape[1]
+    value = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert value.config.num_labels == 1
+    assert not (out.parent / "ppo.partial").exists()
+
+
+def test_ptx_coef_zero_is_plain_ppo(make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path) -> None:
+    cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.ptx_coef=0", "ppo.iterations=2",
+                      "ppo.eval_steps=null")
+    ppo.run(cfg)
+    history = [json.loads(line) for line in (cfg.stage_dir("ppo") / "log_history.jsonl").read_text().splitlines()]
+    assert [r["train/global_step"] for r in history if "ppo/score" in r] == [1, 2]
+    assert not any("ppo/ptx_loss" in r for r in history)
+
+
+def test_interrupted_ppo_resumes_from_its_checkpoint_and_matches_the_uninterrupted_run(
+    make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = (f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.eval_steps=null")
+    reference = make_config(*overrides, run_dir=tmp_path / "uninterrupted")
+    ppo.run(reference)
+
+    cfg = make_config(*overrides, run_dir=tmp_path / "interrupted")
+    real_update = ppo.ppo_update
+
+    def interrupted(*args, **kwargs):
+        if args[-1] == 2:  # iteration index 2 (the third): after checkpoint-2 was written
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.run(cfg)
+    assert not cfg.stage_dir("ppo").exists()
+    checkpoints = cfg.stage_dir("ppo").parent / "ppo.partial" / "checkpoints"
+    assert sorted(d.name for d in checkpoints.iterdir()) == ["checkpoint-2"]
+
+    monkeypatch.setattr(ppo, "ppo_update", real_update)
+    ppo.run(cfg)
+    summary = json.loads((cfg.stage_dir("ppo") / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2")
+
+    def rows(c: Config) -> dict[int, dict]:
+        lines = (c.stage_dir("ppo") / "log_history.jsonl").read_text().splitlines()
+        return {r["train/global_step"]: r for r in map(json.loads, lines) if "ppo/score" in r}
+
+    resumed, uninterrupted = rows(cfg), rows(reference)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):  # same prompts, sampling noise, corpus blocks, optimizer state and β
+        for key in ("ppo/score", "ppo/kl", "ppo/policy_loss", "ppo/ptx_loss"):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_prompts_and_missing_reward_model_fail_with_one_clear_message(
+    tmp_path: Path, sft_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "count to two\\n"}\n{"text": "no prompt here"}\n')
+    run = tmp_path / "runs"
+    code = main(["ppo", "--config", "configs/tiny.yaml", f"run_dir={run}", f"ppo.data.train={bad}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "prompts.jsonl" in err and "row 2" in err and "Traceback" not in err
+    assert not (run / "ppo").exists()
+
+    code = main(["ppo", "--config", "configs/tiny.yaml", f"run_dir={run}", f"ppo.init={sft_dir}"])
+    assert code == 2 and "make rm PROFILE=tiny" in capsys.readouterr().err
+
+
+def test_minibatch_that_does_not_divide_the_rollout_batch_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"ppo.minibatch_size \(24\) must divide ppo.rollout_batch_size \(64\)"):
+        load_config("configs/tiny.yaml", ["ppo.minibatch_size=24"])
