@@ -21,7 +21,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo summary report test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo ptx-ablation summary report test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,15 @@ $(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/
 
 $(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py
 	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS)
+
+# The ptx ablation: the same PPO run with the pretraining term off (ppo.ptx_coef=0), from the same SFT
+# policy and reward model, same seed; then both runs' final metrics side by side.
+ABLATION := $(RUN)/ablation-ptx0
+$(ABLATION)/ppo/summary.json: $(RUN)/ppo/summary.json
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) run_dir=$(ABLATION) ppo.init=$(RUN)/sft ppo.reward_model=$(RUN)/rm ppo.ptx_coef=0
+
+ptx-ablation: $(ABLATION)/ppo/summary.json  ## PPO-ptx (make ppo) vs plain PPO (ppo.ptx_coef=0): held-out corpus loss and reward
+	@$(PY) -m pipeline compare $(RUN)/ppo $(ABLATION)/ppo
 
 FORCE:
 

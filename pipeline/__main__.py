@@ -25,9 +25,11 @@ from pipeline.config import STAGES, Config, ConfigError, describe, load_config, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary", "report"],
+    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
                         "summary (final metrics of the profile's finished stages), "
+                        "compare DIR DIR ... (final metrics of finished stage directories side by side, with the "
+                        "config keys they differ in), "
                         "report (HTML report with plots of the finished stages, in <run_dir>/report), "
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         for key, tp, help_ in describe():
             print(f"{key:<36} {tp:<28} {help_}")
         return 0
+    if args.command == "compare":
+        try:
+            return compare([Path(d) for d in args.overrides])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -139,6 +147,39 @@ def print_summary(cfg: Config) -> int:
         for key, value in summary["metrics"].items():
             print(f"  {key:<32} {value:.4f}" if isinstance(value, float) else f"  {key:<32} {value}")
     return 0 if found else 1
+
+
+def compare(dirs: list[Path]) -> int:
+    """Print the final metrics of finished stage directories side by side (what `make ptx-ablation` shows),
+    headed by the config keys whose values differ between them."""
+    from pipeline.checkpoint import _diff
+
+    if len(dirs) < 2:
+        raise ConfigError("compare needs at least two finished stage directories")
+    summaries = []
+    for d in dirs:
+        path = d / "summary.json"
+        if not path.is_file():
+            raise ConfigError(f"no finished stage at {d} (no summary.json)")
+        summaries.append(json.loads(path.read_text()))
+    width = max(14, *(len(str(d)) for d in dirs))
+    print(f"{'':<34}" + "".join(f"{d!s:>{width + 2}}" for d in dirs))
+    differ = sorted({k for s in summaries[1:] for k in _diff(summaries[0]["config"], s["config"])})
+    for key in differ:
+        values = [_dotted(s["config"], key) for s in summaries]
+        print(f"{key:<34}" + "".join(f"{v!s:>{width + 2}}" for v in values))
+    keys = list(dict.fromkeys(k for s in summaries for k in s["metrics"]))
+    for key in keys:
+        values = [s["metrics"].get(key) for s in summaries]
+        cells = [f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v) for v in values]
+        print(f"{key:<34}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    return 0
+
+
+def _dotted(d: dict, key: str) -> object:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def _setup_logging() -> None:

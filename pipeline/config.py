@@ -222,6 +222,9 @@ class PPOConfig:
     lr_scheduler: Literal["linear", "constant"] = _f(
         "linear", help="linear decays the learning rate to 0 over the run (as in the N+ details); or constant."
     )
+    warmup_ratio: float = _f(
+        0.0, help="Fraction of the optimizer steps spent warming the learning rate up from 0.", ge=0, le=0.5
+    )
     weight_decay: float = _f(0.0, help="AdamW weight decay.", ge=0)
     max_grad_norm: float = _f(1.0, help="Gradient clipping norm.", gt=0)
     max_prompt_length: int = _f(64, help="Longest prompt in tokens; longer ones lose their start.", ge=1)
@@ -245,6 +248,10 @@ class PPOConfig:
     clip_range_value: float = _f(0.2, help="Values may move this far from their rollout value before clipping.",
                                  gt=0)
     vf_coef: float = _f(0.1, help="Weight of the value loss.", ge=0)
+    value_warmup_iterations: int = _f(
+        0, help="First iterations that train only the value model: a value head initialised from the reward "
+        "model does not yet predict returns, and advantages from it would move the policy at random.", ge=0
+    )
     whiten_rewards: bool = _f(False, help="Scale rewards by their batch std before GAE (the mean is kept).")
     ptx_coef: float = _f(
         1.0, help="γ_ptx: weight of the pretraining LM loss on each optimizer step; 0 = plain PPO (no ptx term).",
@@ -257,6 +264,7 @@ class PPOConfig:
     )
     eval_prompts: int = _f(96, help="Held-out prompts in each evaluation.", ge=1)
     eval_samples_per_prompt: int = _f(4, help="Sampled completions per held-out prompt (temperature 1).", ge=1)
+    eval_batch_size: int = _f(64, help="Completions sampled per batch in evaluation.", ge=1)
     eval_corpus_blocks: int = _f(64, help="Held-out corpus blocks of the corpus-loss evaluation (0 = off).", ge=0)
     logging_steps: int = _f(1, help="Log metrics every N iterations.", ge=1)
     table_steps: int = _f(10, help="Log a table of sample completions every N iterations.", ge=1)

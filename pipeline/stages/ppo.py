@@ -153,8 +153,10 @@ def run(cfg: Config) -> dict[str, Any]:
     model = PolicyAndValue(policy, value_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
     steps_per_iteration = p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size)
-    scheduler = get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=0,
-                              num_training_steps=p.iterations * steps_per_iteration)
+    total_steps = p.iterations * steps_per_iteration
+    scheduler = get_scheduler(p.lr_scheduler if not p.warmup_ratio or p.lr_scheduler == "linear"
+                              else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(p.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
@@ -374,13 +376,14 @@ def ppo_update(
     context = rollout.context_length
     sums: dict[str, float] = {}
     steps = 0
+    warmup = iteration < p.value_warmup_iterations
     for _ in range(p.ppo_epochs):
         order = torch.randperm(len(rollout.mask), generator=gen).to(rollout.mask.device)
         for start in range(0, len(order), p.minibatch_size):
             idx = order[start : start + p.minibatch_size]
             mb = rollout.index(idx)
             ptx_ids = None
-            if ptx_blocks is not None:
+            if ptx_blocks is not None and not warmup:
                 step_index = iteration * p.ppo_epochs * (len(order) // p.minibatch_size) + steps
                 ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
             with accelerator.autocast():
@@ -393,7 +396,9 @@ def ppo_update(
             pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range)
             vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
-            loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
+            # During value warm-up the policy waits until the values mean something. Its loss is zeroed rather
+            # than dropped, so every parameter stays in the graph (DDP expects gradients for all of them).
+            loss = rlhf.ppo_ptx_loss(pg_loss * (0.0 if warmup else 1.0), vf_loss, ptx, p.vf_coef, p.ptx_coef)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()
@@ -518,8 +523,8 @@ def evaluate_policy(
     """
     records: list[dict[str, Any]] = []
     with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
-        for i in range(0, len(mine), p.rollout_batch_size):
-            chunk = [prompts[j] for j in mine[i : i + p.rollout_batch_size]]
+        for i in range(0, len(mine), p.eval_batch_size):
+            chunk = [prompts[j] for j in mine[i : i + p.eval_batch_size]]
             r = generate_rollout(accelerator, model, ref_policy, reward_model, tokenizer, chunk, p, gold,
                                  seed=seed + 7_919 * accelerator.process_index + i, with_values=False)
             kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
