@@ -248,10 +248,6 @@ class PPOConfig:
     clip_range_value: float = _f(0.2, help="Values may move this far from their rollout value before clipping.",
                                  gt=0)
     vf_coef: float = _f(0.1, help="Weight of the value loss.", ge=0)
-    value_warmup_iterations: int = _f(
-        0, help="First iterations that train only the value model: a value head initialised from the reward "
-        "model does not yet predict returns, and advantages from it would move the policy at random.", ge=0
-    )
     whiten_rewards: bool = _f(False, help="Scale rewards by their batch std before GAE (the mean is kept).")
     ptx_coef: float = _f(
         1.0, help="γ_ptx: weight of the pretraining LM loss on each optimizer step; 0 = plain PPO (no ptx term).",

@@ -376,14 +376,13 @@ def ppo_update(
     context = rollout.context_length
     sums: dict[str, float] = {}
     steps = 0
-    warmup = iteration < p.value_warmup_iterations
     for _ in range(p.ppo_epochs):
         order = torch.randperm(len(rollout.mask), generator=gen).to(rollout.mask.device)
         for start in range(0, len(order), p.minibatch_size):
             idx = order[start : start + p.minibatch_size]
             mb = rollout.index(idx)
             ptx_ids = None
-            if ptx_blocks is not None and not warmup:
+            if ptx_blocks is not None:
                 step_index = iteration * p.ppo_epochs * (len(order) // p.minibatch_size) + steps
                 ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
             with accelerator.autocast():
@@ -396,9 +395,7 @@ def ppo_update(
             pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range)
             vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
-            # During value warm-up the policy waits until the values mean something. Its loss is zeroed rather
-            # than dropped, so every parameter stays in the graph (DDP expects gradients for all of them).
-            loss = rlhf.ppo_ptx_loss(pg_loss * (0.0 if warmup else 1.0), vf_loss, ptx, p.vf_coef, p.ptx_coef)
+            loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()
