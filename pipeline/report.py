@@ -218,17 +218,23 @@ def make_figures(stages: Sequence[StageLogs], out_dir: Path) -> list[Figure]:
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
         ax.set(title="Gold score of sampled completions on held-out prompts", ylabel="mean gold score", ylim=(0, 1.05))
         save(fig, "gold_by_stage.png", "Gold score by stage",
-             "The toy task's ground-truth reward of each model's samples; 'start' is the model the stage began from.")
+             "The toy task's ground-truth reward of each model's samples on the stage's held-out prompts; "
+             "'start' is the model the stage began from, measured by that stage.")
     return figures
 
 
 def gold_by_stage(stages: Sequence[StageLogs]) -> list[tuple[str, float]]:
-    """(label, mean gold score) per stage that measured one: its starting model, then its output."""
+    """(label, mean gold score) per stage that measured one: its starting model, then its output.
+
+    A stage starts where the previous one ended, so its start bar is drawn only when it measured a different
+    number: the first stage, or one evaluated on other prompts (PPO's held-out prompts are not SFT's).
+    """
     bars: list[tuple[str, float]] = []
     for stage in stages:
         m = stage.metrics
-        if _finite(m.get("eval/gold_score_init")) and not bars:  # later stages start where the last one ended
-            bars.append((f"{stage.name} start", m["eval/gold_score_init"]))
+        start = m.get("eval/gold_score_init")
+        if _finite(start) and (not bars or not math.isclose(start, bars[-1][1], abs_tol=1e-9)):
+            bars.append((f"{stage.name} start", start))
         if _finite(m.get("eval/gold_score")):
             bars.append((stage.name, m["eval/gold_score"]))
     return bars

@@ -39,50 +39,55 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def small_overrides(small_data: dict[str, Path], run_dir: Path) -> list[str]:
+    """Overrides that shrink the tiny profile to second-scale stage runs on the small data slices."""
+    return [
+        f"run_dir={run_dir}",
+        f"tokenizer.train_data={small_data['corpus_train']}",
+        f"pretrain.data.train={small_data['corpus_train']}",
+        f"pretrain.data.eval={small_data['corpus_eval']}",
+        f"sft.data.train={small_data['demos_train']}",
+        f"sft.data.eval={small_data['demos_eval']}",
+        "model.tiny.n_layer=2",
+        "model.tiny.n_embd=64",
+        "tokenizer.vocab_size=600",
+        "pretrain.max_steps=6",
+        "pretrain.batch_size=8",
+        "pretrain.block_size=64",
+        "pretrain.logging_steps=1",
+        "sft.max_steps=6",
+        "sft.batch_size=8",
+        "sft.logging_steps=1",
+        "sft.generation.num_prompts=8",
+        "sft.generation.samples_per_prompt=2",
+        "sft.generation.max_new_tokens=8",
+        f"rm.data.train={small_data['rankings_train']}",
+        f"rm.data.eval={small_data['rankings_eval']}",
+        "rm.max_steps=6",
+        "rm.batch_size=8",
+        "rm.logging_steps=1",
+        "ppo.iterations=4",
+        "ppo.rollout_batch_size=8",
+        "ppo.minibatch_size=4",
+        "ppo.ppo_epochs=2",
+        "ppo.max_new_tokens=8",
+        "ppo.eval_prompts=6",
+        "ppo.eval_samples_per_prompt=2",
+        "ppo.ptx_batch_size=2",
+        "ppo.ptx_block_size=32",
+        "ppo.eval_corpus_blocks=4",
+        "ppo.eval_steps=2",
+        "ppo.save_steps=2",
+        "ppo.table_steps=2",
+    ]
+
+
 @pytest.fixture
 def make_config(small_data: dict[str, Path], tmp_path: Path) -> Callable[..., Config]:
     """A tiny-profile config on the small data slices, writing under tmp_path, with extra overrides."""
 
     def make(*overrides: str, run_dir: Path | None = None, profile: str = "tiny") -> Config:
-        base = [
-            f"run_dir={run_dir or tmp_path / 'runs'}",
-            f"tokenizer.train_data={small_data['corpus_train']}",
-            f"pretrain.data.train={small_data['corpus_train']}",
-            f"pretrain.data.eval={small_data['corpus_eval']}",
-            f"sft.data.train={small_data['demos_train']}",
-            f"sft.data.eval={small_data['demos_eval']}",
-            "model.tiny.n_layer=2",
-            "model.tiny.n_embd=64",
-            "tokenizer.vocab_size=600",
-            "pretrain.max_steps=6",
-            "pretrain.batch_size=8",
-            "pretrain.block_size=64",
-            "pretrain.logging_steps=1",
-            "sft.max_steps=6",
-            "sft.batch_size=8",
-            "sft.logging_steps=1",
-            "sft.generation.num_prompts=8",
-            "sft.generation.samples_per_prompt=2",
-            "sft.generation.max_new_tokens=8",
-            f"rm.data.train={small_data['rankings_train']}",
-            f"rm.data.eval={small_data['rankings_eval']}",
-            "rm.max_steps=6",
-            "rm.batch_size=8",
-            "rm.logging_steps=1",
-            "ppo.iterations=4",
-            "ppo.rollout_batch_size=8",
-            "ppo.minibatch_size=4",
-            "ppo.ppo_epochs=2",
-            "ppo.max_new_tokens=8",
-            "ppo.eval_prompts=6",
-            "ppo.eval_samples_per_prompt=2",
-            "ppo.ptx_batch_size=2",
-            "ppo.ptx_block_size=32",
-            "ppo.eval_corpus_blocks=4",
-            "ppo.eval_steps=2",
-            "ppo.save_steps=2",
-            "ppo.table_steps=2",
-        ]
+        base = small_overrides(small_data, run_dir or tmp_path / "runs")
         return load_config(ROOT / "configs" / f"{profile}.yaml", [*base, *overrides])
 
     return make
@@ -105,3 +110,29 @@ def sft_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path
     pretrain.run(cfg)
     sft.run(cfg)
     return run / "sft"
+
+
+@pytest.fixture(scope="session")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path], sft_dir: Path) -> Path:
+    """A reward model trained for a few steps on the small SFT model."""
+    from pipeline.stages import rm
+
+    run = tmp_path_factory.mktemp("rm")
+    rm.run(load_config("configs/tiny.yaml", [*small_overrides(small_data, run), f"rm.init={sft_dir}"]))
+    return run / "rm"
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path]) -> Config:
+    """All four stages, small, in one run directory (what `make ppo` leaves behind), the PPO stage tracked by
+    an offline W&B run: the report and tracking tests read it."""
+    from pipeline.stages import ppo, pretrain, rm, sft
+
+    run = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config("configs/tiny.yaml", small_overrides(small_data, run))
+    for stage in (pretrain, sft, rm):
+        stage.run(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        ppo.run(cfg)
+    return cfg

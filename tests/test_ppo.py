@@ -22,26 +22,7 @@ from pipeline import rlhf
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import load_stage_model, token_scores
-from pipeline.stages import ppo, rm
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory: pytest.TempPathFactory, small_data: dict[str, Path], sft_dir: Path) -> Path:
-    """A reward model trained for a few steps on the small SFT model."""
-    cfg = _config(small_data, tmp_path_factory.mktemp("rm"), (f"rm.init={sft_dir}",))
-    rm.run(cfg)
-    return cfg.stage_dir("rm")
-
-
-def _config(small_data: dict[str, Path], run_dir: Path, overrides: tuple[str, ...]) -> Config:
-    base = [
-        f"run_dir={run_dir}", f"tokenizer.train_data={small_data['corpus_train']}",
-        f"pretrain.data.train={small_data['corpus_train']}", f"pretrain.data.eval={small_data['corpus_eval']}",
-        f"sft.data.eval={small_data['demos_eval']}",
-        f"rm.data.train={small_data['rankings_train']}", f"rm.data.eval={small_data['rankings_eval']}",
-        "rm.max_steps=6", "rm.batch_size=8",
-    ]
-    return load_config("configs/tiny.yaml", [*base, *overrides])
+from pipeline.stages import ppo
 
 
 def _tiny_models(vocab: int = 50) -> tuple[GPT2LMHeadModel, GPT2ForSequenceClassification]:

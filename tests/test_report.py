@@ -142,3 +142,31 @@ def test_report_of_a_real_small_run(make_config: Callable[..., Config], capsys: 
     assert f"{summary['eval/gold_score']:.4g}" in page
     first = json.loads((cfg.stage_dir("sft") / "samples.jsonl").read_text().splitlines()[0])
     assert first["prompt"].strip() in page
+
+
+def test_report_after_a_real_ppo_run_draws_every_plot(small_pipeline: Config, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make report` after `make ppo`: the four stages' own logs, small but real."""
+    capsys.readouterr()
+    assert main(["report", "--config", "configs/tiny.yaml", f"run_dir={small_pipeline.run_dir}"]) == 0
+    out = Path(small_pipeline.run_dir) / "report"
+    printed = capsys.readouterr().out
+    for name in ("pretrain_loss.png", "sft_loss.png", "rm_loss.png", "rm_accuracy.png", "ppo_reward.png", "ppo_kl.png",
+                 "ppo_frontier.png", "ppo_gold_vs_proxy.png", "gold_by_stage.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+        assert name in printed
+    stages = {s.name: s for s in load_stages(Path(small_pipeline.run_dir))}
+    history = [json.loads(line) for line in (small_pipeline.stage_dir("ppo") / "log_history.jsonl").read_text().splitlines()]
+    assert stages["ppo"].series("ppo/kl") == ([r["train/global_step"] for r in history if "ppo/kl" in r],
+                                              [r["ppo/kl"] for r in history if "ppo/kl" in r])
+    page = (out / "index.html").read_text()
+    ppo_metrics = json.loads((small_pipeline.stage_dir("ppo") / "summary.json").read_text())["metrics"]
+    assert f"{ppo_metrics['eval/gold_score']:.4g}" in page
+    # The gold-by-stage bars end with PPO, and PPO's completions sit beside SFT's in the samples table.
+    from pipeline.report import gold_by_stage
+
+    # (PPO evaluates on its own held-out prompts, so the SFT policy's score there gets its own bar.)
+    bars = dict(gold_by_stage(list(stages.values())))
+    assert list(bars)[-3:] == ["sft", "ppo start", "ppo"]
+    assert bars["ppo start"] == pytest.approx(ppo_metrics["eval/gold_score_init"])
+    first = json.loads((small_pipeline.stage_dir("ppo") / "samples.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].strip() in page and first["completion"] in page

@@ -287,3 +287,29 @@ def test_interrupted_stage_closes_its_run_as_failed(
     (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
     assert exit_record.exit_code == 1
     assert series(run["history"], "train/loss").keys() == {1}  # step 2 was cut before its log
+
+
+def test_offline_ppo_run_logs_its_series_and_sample_tables_at_intervals(small_pipeline: Config) -> None:
+    from pipeline.stages import ppo
+
+    run_dir = Path(small_pipeline.run_dir)
+    w = wandb_run(run_dir, "ppo")
+    assert w["run"].run_group == (run_dir / "pipeline_run_id").read_text().strip()
+    assert w["config"]["ppo"]["iterations"] == 4 and w["config"]["ppo"]["kl_coef"] == small_pipeline.ppo.kl_coef
+    # Every iteration's PPO metrics, and the held-out evaluation before training and every ppo.eval_steps.
+    assert sorted(series(w["history"], "ppo/score")) == [1, 2, 3, 4]
+    assert sorted(series(w["history"], "ppo/kl")) == [1, 2, 3, 4]
+    assert sorted(series(w["history"], "eval/gold_score")) == [0, 2, 4]
+    history = [json.loads(line) for line in (small_pipeline.stage_dir("ppo") / "log_history.jsonl").read_text().splitlines()]
+    logged = {r["train/global_step"]: r["ppo/score"] for r in history if "ppo/score" in r}
+    assert series(w["history"], "ppo/score") == pytest.approx(logged)
+    # Sample completions every ppo.table_steps (2) iterations, and the final held-out samples.
+    tables = sorted((w["dir"] / "files" / "media" / "table" / "ppo").glob("samples_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == list(ppo.SAMPLE_COLUMNS) and len(table["data"]) == 8
+    (final,) = (w["dir"] / "files" / "media" / "table" / "eval").glob("samples_*.table.json")
+    samples = [json.loads(line) for line in (small_pipeline.stage_dir("ppo") / "samples.jsonl").read_text().splitlines()]
+    assert [r[1] for r in json.loads(final.read_text())["data"]] == [s["completion"] for s in samples]
+    summary = json.loads((small_pipeline.stage_dir("ppo") / "summary.json").read_text())["metrics"]
+    assert w["summary"]["eval/gold_score_gain"] == pytest.approx(summary["eval/gold_score_gain"])
