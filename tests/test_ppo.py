@@ -212,3 +212,33 @@ def test_bad_prompts_and_missing_reward_model_fail_with_one_clear_message(
 def test_minibatch_that_does_not_divide_the_rollout_batch_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"ppo.minibatch_size \(24\) must divide ppo.rollout_batch_size \(64\)"):
         load_config("configs/tiny.yaml", ["ppo.minibatch_size=24"])
+
+
+def test_two_processes_split_the_rollouts_gather_the_evaluation_and_write_once(
+    make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nproc_per_node 2`: DDP over gloo wraps policy and value model; each process samples its
+    half of the prompts; the held-out evaluation is gathered (every sample once); only rank 0 writes."""
+    import subprocess
+    import sys
+
+    cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.iterations=2", "ppo.eval_prompts=5",
+                      run_dir=tmp_path / "two")
+    overrides = [f"run_dir={cfg.run_dir}", f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}",
+                 f"pretrain.data.train={cfg.pretrain.data.train}", f"pretrain.data.eval={cfg.pretrain.data.eval}",
+                 "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
+                 "ppo.max_new_tokens=6", "ppo.eval_prompts=5", "ppo.eval_samples_per_prompt=2", "ppo.ptx_batch_size=2",
+                 "ppo.ptx_block_size=32", "ppo.eval_corpus_blocks=3", "ppo.eval_steps=null", "tracking.wandb=false"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+         "-m", "pipeline", "ppo", "--config", "configs/tiny.yaml", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(cfg.run_dir) / "ppo"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 * 2  # 10 held-out samples split 5 + 5 and gathered, none twice or lost
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    assert [r["train/global_step"] for r in history if "ppo/score" in r] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    assert not (Path(cfg.run_dir) / "ppo.partial").exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -115,7 +116,12 @@ def run(cfg: Config) -> dict[str, Any]:
     started = time.time()
     p = cfg.ppo
     hf_set_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision="bf16" if p.bf16 else "no")
+    # The scheduler counts this process's optimizer steps; by default accelerate would step it once per
+    # process on every step (its convention for data-sharded epochs), decaying N times too fast.
+    # N processes without CUDA (`torchrun --nproc_per_node N`) run data-parallel on CPU over gloo.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if p.bf16 else "no", step_scheduler_with_optimizer=False,
+                              cpu=cpu)
     is_main = accelerator.is_main_process
 
     # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
@@ -136,6 +142,7 @@ def run(cfg: Config) -> dict[str, Any]:
     _check_models(p, policy, reward_model, tokenizer)
     gold = gold_function(cfg.gold_reward)
     check_gold_covers(gold, eval_rows, tokenizer, "ppo.data.eval")
+    check_gold_covers(gold, train_rows, tokenizer, "ppo.data.train")  # rollouts are scored by it too
     train_prompts = [render_prompt(r, tokenizer) for r in train_rows]
     eval_prompts = [render_prompt(r, tokenizer) for r in eval_rows for _ in range(p.eval_samples_per_prompt)]
     if p.disable_dropout:
@@ -211,7 +218,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # c. PPO epochs over minibatches, each optimizer step with a ptx batch
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, rollout, advantages, returns,
                                  ptx_blocks, p, cfg.seed, iteration)
-        metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
+        metrics = _rollout_metrics(accelerator, rollout, rewards, returns, beta)
         metrics.update(train_stats)
         metrics["ppo/lr"] = scheduler.get_last_lr()[0]
         if p.target_kl is not None:
@@ -475,8 +482,7 @@ def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) ->
 
 
 def _rollout_metrics(
-    accelerator: Accelerator, r: Rollout, kl: torch.Tensor, rewards: torch.Tensor, returns: torch.Tensor,
-    beta: float,
+    accelerator: Accelerator, r: Rollout, rewards: torch.Tensor, returns: torch.Tensor, beta: float
 ) -> dict[str, float]:
     """Per-iteration statistics of the sampled batch; KL is per completion (summed over its tokens)."""
     k1, k3 = rlhf.kl_estimates(r.logprobs, r.ref_logprobs)
@@ -495,7 +501,6 @@ def _rollout_metrics(
     }
     if r.gold is not None:
         m["ppo/gold_score"] = torch.tensor(sum(r.gold) / len(r.gold))
-    del kl  # the reward's k1 is `ppo/kl`: recomputed above from the log-probs so both estimators match
     return _mean_over_processes(accelerator, {k: float(v) for k, v in m.items()})
 
 
