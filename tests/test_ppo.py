@@ -153,6 +153,19 @@ def test_ptx_coef_zero_is_plain_ppo(make_config: Callable[..., Config], sft_dir:
     assert not any("ppo/ptx_loss" in r for r in history)
 
 
+def test_adaptive_kl_controller_moves_beta_and_the_summary_keeps_the_last_value(
+    make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path
+) -> None:
+    cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.target_kl=1000", "ppo.kl_horizon=16",
+                      "ppo.kl_coef=0.1", "ppo.iterations=3", "ppo.eval_steps=null", "ppo.ptx_coef=0")
+    metrics = ppo.run(cfg)
+    history = [json.loads(line) for line in (cfg.stage_dir("ppo") / "log_history.jsonl").read_text().splitlines()]
+    betas = [r["ppo/beta"] for r in history if "ppo/beta" in r]
+    # KL far below the target: error clipped at -0.2, β ← β (1 − 0.2 · 8 / 16) = 0.9 β after every iteration.
+    assert betas == pytest.approx([0.1, 0.09, 0.081])
+    assert metrics["ppo/beta"] == pytest.approx(0.0729)
+
+
 def test_interrupted_ppo_resumes_from_its_checkpoint_and_matches_the_uninterrupted_run(
     make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
