@@ -78,7 +78,8 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_d
     value_model, _ = load_reward_model(rm_dir)
     model = ppo.PolicyAndValue(policy, value_model)
     prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
-    r = ppo.generate_rollout(accelerator, model, ref, reward_model, tokenizer, prompts, cfg.ppo, gold=None, seed=0)
+    models = ppo.Models(accelerator, model, ref, reward_model, tokenizer)
+    r = ppo.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
     R = cfg.ppo.max_new_tokens
     assert r.responses.shape == (2, R) and r.mask.shape == (2, R) and r.logprobs.shape == (2, R)
     # Left padding: the shorter prompt starts with padding the attention mask hides.

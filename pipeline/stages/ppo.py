@@ -85,6 +85,17 @@ class PolicyAndValue(torch.nn.Module):
 
 
 @dataclass
+class Models:
+    """What a rollout needs: the prepared policy-and-value module, the frozen reference and reward model."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # PolicyAndValue, as returned by accelerator.prepare
+    ref_policy: PreTrainedModel
+    reward_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
 class Rollout:
     """One batch of sampled episodes: [B, P + R] sequences, [B, R] per-completion-token tensors, [B] scores."""
 
@@ -165,6 +176,7 @@ def run(cfg: Config) -> dict[str, Any]:
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(p.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    models = Models(accelerator, model, ref_policy, reward_model, tokenizer)
 
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     resume_from = out.prepare(is_main=is_main)
@@ -176,10 +188,7 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
 
     def evaluate(step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        metrics, samples = evaluate_policy(
-            accelerator, model, ref_policy, reward_model, tokenizer, eval_prompts, eval_blocks, p, gold,
-            seed=cfg.seed + 1,
-        )
+        metrics, samples = evaluate_policy(models, eval_prompts, eval_blocks, p, gold, seed=cfg.seed + 1)
         tracking.log_metrics(metrics, step=step)
         log.info("ppo: held-out at iteration %d: %s", step, _fmt(metrics))
         return metrics, samples
@@ -201,7 +210,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # a. rollout on this process's slice of the iteration's global prompt batch
         batch = _iteration_prompts(train_prompts, p.rollout_batch_size, iteration, cfg.seed, accelerator)
         rollout = generate_rollout(
-            accelerator, model, ref_policy, reward_model, tokenizer, batch, p, gold,
+            models, batch, p, gold,
             seed=cfg.seed * 1_000_003 + iteration * accelerator.num_processes + accelerator.process_index,
         )
         # b. rewards and advantages
@@ -274,23 +283,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_rollout(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    ref_policy: PreTrainedModel,
-    reward_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[tuple[str, str]],
-    p: PPOConfig,
-    gold: Any,
-    seed: int,
-    with_values: bool = True,
+    models: Models, prompts: list[tuple[str, str]], p: PPOConfig, gold: Any, seed: int, with_values: bool = True
 ) -> Rollout:
     """Sample one completion of each (model text, plain text) prompt and score it, all without gradients.
 
     Sampling runs on the unwrapped policy in eval mode with the KV cache; the log-probs are then recomputed
     by a plain forward (the numbers PPO's ratio compares against), at the sampling temperature.
     """
-    unwrapped = accelerator.unwrap_model(model)
+    accelerator, tokenizer = models.accelerator, models.tokenizer
+    ref_policy, reward_model = models.ref_policy, models.reward_model
+    unwrapped = accelerator.unwrap_model(models.model)
     policy = unwrapped.policy
     device = accelerator.device
     old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
@@ -506,11 +508,7 @@ def _rollout_metrics(
 
 @torch.no_grad()
 def evaluate_policy(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    ref_policy: PreTrainedModel,
-    reward_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    models: Models,
     prompts: list[tuple[str, str]],
     corpus_blocks: torch.Tensor | None,
     p: PPOConfig,
@@ -523,12 +521,13 @@ def evaluate_policy(
     Prompts are split over processes and the per-sample records gathered, so the numbers are global. The
     same seed at every evaluation: the SFT-vs-PPO difference is the policy's, not the sampling noise's.
     """
+    accelerator = models.accelerator
     records: list[dict[str, Any]] = []
     with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
         for i in range(0, len(mine), p.eval_batch_size):
             chunk = [prompts[j] for j in mine[i : i + p.eval_batch_size]]
-            r = generate_rollout(accelerator, model, ref_policy, reward_model, tokenizer, chunk, p, gold,
-                                 seed=seed + 7_919 * accelerator.process_index + i, with_values=False)
+            r = generate_rollout(models, chunk, p, gold, seed=seed + 7_919 * accelerator.process_index + i,
+                                 with_values=False)
             kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
             for b in range(len(chunk)):
                 records.append({
@@ -549,7 +548,7 @@ def evaluate_policy(
         metrics["eval/gold_score"] = sum(r["gold"] for r in records) / n
         metrics["eval/perfect_rate"] = sum(math.isclose(r["gold"], 1.0) for r in records) / n
     if corpus_blocks is not None and len(corpus_blocks):
-        metrics["eval/corpus_loss"] = corpus_loss(accelerator, model, corpus_blocks, p.ptx_batch_size)
+        metrics["eval/corpus_loss"] = corpus_loss(accelerator, models.model, corpus_blocks, p.ptx_batch_size)
     return metrics, records
 
 
