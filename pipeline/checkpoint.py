@@ -67,7 +67,7 @@ class StageOutput:
                 )
         elif self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(key_file, self.resume_key)
+            write_json(key_file, self.resume_key)
         last = get_last_checkpoint(str(self.checkpoints_dir)) if self.checkpoints_dir.is_dir() else None
         if last:
             log.info("resuming from %s", last)
@@ -79,7 +79,7 @@ class StageOutput:
 
     def save_baseline(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
-            _write_json(self.work_dir / "baseline.json", metrics)
+            write_json(self.work_dir / "baseline.json", metrics)
 
     def begin_final(self) -> Path:
         """A clean staging directory for the finished output (call on every process before saving)."""
@@ -91,7 +91,7 @@ class StageOutput:
         """Write summary.json last, then swap the staging directory in as the stage's output (main only)."""
         if not self.is_main:
             return self.final_dir
-        _write_json(self.staging_dir / "summary.json", summary)
+        write_json(self.staging_dir / "summary.json", summary)
         old = self.final_dir.with_name(self.final_dir.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -129,7 +129,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_jsonl(path: Path, rows: Any) -> None:
+    """One JSON object per line (log histories, samples) in a stage's staging directory."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

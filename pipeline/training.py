@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer
 
-from pipeline.checkpoint import StageOutput
+from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
 
 
@@ -76,9 +75,7 @@ def save_stage_output(
         tokenizer.save_pretrained(str(staging))
         files = {"log_history.jsonl": trainer.state.log_history, **(jsonl_files or {})}
         for name, rows in files.items():
-            with open(staging / name, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            write_jsonl(staging / name, rows)
         out.commit(summary)
     trainer.accelerator.wait_for_everyone()
 
