@@ -46,7 +46,7 @@ from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
 from pipeline import rlhf, tracking
-from pipeline.checkpoint import StageOutput, _write_json, build_summary
+from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
@@ -227,7 +227,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # c. PPO epochs over minibatches, each optimizer step with a ptx batch
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, rollout, advantages, returns,
                                  ptx_blocks, p, cfg.seed, iteration)
-        metrics = _rollout_metrics(accelerator, rollout, rewards, returns, beta)
+        metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
         metrics.update(train_stats)
         metrics["ppo/lr"] = scheduler.get_last_lr()[0]
         if p.target_kl is not None:
@@ -269,8 +269,8 @@ def run(cfg: Config) -> dict[str, Any]:
             state_dict={k[len("value_model."):]: v for k, v in state_dict.items() if k.startswith("value_model.")},
         )
         value_tokenizer.save_pretrained(value_dir)
-        _write_jsonl(staging / "log_history.jsonl", state["history"])
-        _write_jsonl(staging / "samples.jsonl", samples)
+        write_jsonl(staging / "log_history.jsonl", state["history"])
+        write_jsonl(staging / "samples.jsonl", samples)
         out.commit(summary)
     accelerator.wait_for_everyone()
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples[:64]])
@@ -447,11 +447,13 @@ def _iteration_prompts(
     """This process's prompts of iteration `iteration`: epochs of shuffled prompts, cut into global batches."""
     global_size = batch_size * accelerator.num_processes
     start = iteration * global_size + accelerator.process_index * batch_size
+    orders: dict[int, torch.Tensor] = {}  # one shuffle per epoch (a batch spans at most a few)
     out = []
     for pos in range(start, start + batch_size):
         epoch, offset = divmod(pos, len(prompts))
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
-        out.append(prompts[int(order[offset])])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
+        out.append(prompts[int(orders[epoch][offset])])
     return out
 
 
@@ -484,11 +486,15 @@ def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) ->
 
 
 def _rollout_metrics(
-    accelerator: Accelerator, r: Rollout, rewards: torch.Tensor, returns: torch.Tensor, beta: float
+    accelerator: Accelerator, r: Rollout, kl: torch.Tensor, rewards: torch.Tensor, returns: torch.Tensor,
+    beta: float,
 ) -> dict[str, float]:
-    """Per-iteration statistics of the sampled batch; KL is per completion (summed over its tokens)."""
-    k1, k3 = rlhf.kl_estimates(r.logprobs, r.ref_logprobs)
-    kl_seq = (k1 * r.mask).sum(1)
+    """Per-iteration statistics of the sampled batch; KL is per completion (summed over its tokens).
+
+    `kl` is the masked per-token k1 that went into the rewards, so `ppo/kl` is the number β multiplied.
+    """
+    k3 = rlhf.kl_estimates(r.logprobs, r.ref_logprobs)[1]
+    kl_seq = kl.sum(1)
     m = {
         "ppo/score": r.scores.mean(),
         "ppo/kl": kl_seq.mean(),
@@ -625,18 +631,12 @@ def _save_checkpoint(accelerator: Accelerator, out: StageOutput, state: dict[str
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        _write_json(tmp / STATE_FILE, state)
+        write_json(tmp / STATE_FILE, state)
         tmp.rename(final)
         old = sorted(out.checkpoints_dir.glob("checkpoint-*[0-9]"), key=lambda d: int(d.name.split("-")[-1]))
         for d in old[:-keep]:
             shutil.rmtree(d, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
