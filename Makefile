@@ -6,6 +6,7 @@
 #   make sft PROFILE=gpt2                another profile (configs/<PROFILE>.yaml)
 #   make sft ARGS="sft.lr=3e-4"          config overrides (a changed value rebuilds the stages it affects)
 #   make sft LAUNCH="accelerate launch --config_file configs/accelerate/ddp.yaml -m"   N GPUs
+#   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/zero3.yaml -m" DeepSpeed ZeRO-3
 
 PROFILE ?= tiny
 ARGS ?=
@@ -32,9 +33,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pipeline.distributed  # compile DeepSpeed's CPU ops once (~1 min), not inside the first launch
 	touch $@
 
-install: $(STAMP)  ## create .venv and install torch + the pipeline (done automatically by every target)
+install: $(STAMP)  ## create .venv and install torch, DeepSpeed + the pipeline (done automatically by every target)
 
 pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)

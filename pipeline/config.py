@@ -216,7 +216,16 @@ class PPOConfig:
     )
     iterations: int = _f(60, help="PPO iterations: each samples a rollout batch, then optimizes on it.", ge=1)
     rollout_batch_size: int = _f(64, help="Prompts sampled per iteration on each process (one completion each).", ge=1)
-    minibatch_size: int = _f(16, help="Completions per optimizer step; must divide rollout_batch_size.", ge=1)
+    minibatch_size: int = _f(16, help="Completions per optimizer step on each process; must divide rollout_batch_size.",
+                             ge=1)
+    generation_batch_size: int | None = _f(
+        None, help="Prompts per `generate` call in rollouts (each chunk has its own seed, fixed by its place in the "
+        "global batch); must divide rollout_batch_size; null = the whole rollout batch at once.", ge=1,
+    )
+    gather_for_generation: bool = _f(
+        True, help="Under ZeRO-3, gather the policy's shards once per rollout so each rank generates alone; false "
+        "for a policy too big for one device (every decoding step is then a collective: slower).",
+    )
     ppo_epochs: int = _f(4, help="Passes over each rollout batch.", ge=1)
     lr: float = _f(1e-5, help="AdamW learning rate of the policy and the value model.", gt=0)
     lr_scheduler: Literal["linear", "constant"] = _f(
@@ -275,6 +284,18 @@ class PPOConfig:
                 f"ppo.minibatch_size ({self.minibatch_size}) must divide ppo.rollout_batch_size "
                 f"({self.rollout_batch_size})"
             )
+        if self.generation_batch_size:
+            if self.rollout_batch_size % self.generation_batch_size:
+                raise ConfigError(
+                    f"ppo.generation_batch_size ({self.generation_batch_size}) must divide ppo.rollout_batch_size "
+                    f"({self.rollout_batch_size})"
+                )
+            chunks = self.rollout_batch_size // self.generation_batch_size
+            if self.minibatch_size % chunks:  # every minibatch takes an equal slice of every chunk
+                raise ConfigError(
+                    f"ppo.minibatch_size ({self.minibatch_size}) must be a multiple of ppo.rollout_batch_size / "
+                    f"ppo.generation_batch_size ({chunks})"
+                )
 
 
 @dataclass(kw_only=True)

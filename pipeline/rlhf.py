@@ -90,6 +90,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum of `values` over real tokens divided by `num_tokens` (default: their count)."""
+    if num_tokens is None:
+        return masked_mean(values, mask)
+    return (values * mask).sum() / num_tokens
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of the masked entries (Bessel-corrected by default, as in TRL and the N+ details)."""
     mean = masked_mean(values, mask)
@@ -209,9 +216,13 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, token-level: mean over real tokens of max(−A·ρ, −A·clip(ρ, 1±ε)).
 
+    `num_tokens` is the mean's denominator (default: the real tokens of `mask`). Data-parallel runs pass
+    the minibatch's token count over all processes divided by their number, so that the gradient averaged
+    over processes is the gradient of the mean over every token, as one process would compute it.
     Also returns the clip fraction (share of tokens where the clipped term is the active one) and the
     approximate KL between the new and the old policy (k3 estimator, mean per token).
     """
@@ -220,7 +231,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = _token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask),
@@ -235,13 +246,14 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, clip fraction) of the clipped value loss ½ · mean max((V − R)², (V_clip − R)²), where V_clip
-    keeps the new value within ±clip_range of the value at rollout time."""
+    keeps the new value within ±clip_range of the value at rollout time. `num_tokens`: as in `policy_loss`."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * _token_mean(torch.maximum(unclipped_err, clipped_err), mask, num_tokens)
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask).detach()
 
 

@@ -315,6 +315,30 @@ def test_policy_loss_at_ratio_one_is_minus_mean_advantage() -> None:
     assert float(stats["approx_kl"]) == 0.0
 
 
+def test_token_losses_split_over_processes_average_to_the_whole_batch_loss() -> None:
+    # Data parallelism: each of N processes holds part of a minibatch and gradients are averaged. Row 0 of
+    # the hand case has 3 real tokens, row 1 has 2: per-row masked means would weight row 1's tokens 3/2 as
+    # much. With num_tokens = (3 + 2) / N = 2.5 each process's loss is its token sum / 2.5, and the mean of
+    # the two is the whole batch's loss, 0.36 (see test_policy_loss_clipping_by_hand).
+    new, old, adv, mask = _policy_case(garbage=30.0)
+    halves = [rlhf.policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2, num_tokens=2.5)[0]
+              for i in range(2)]
+    # row 0: (−1.1 − 1.2 + 1.6) / 2.5 = −0.28; row 1: (3.0 − 0.5) / 2.5 = 1.0; mean 0.36
+    assert [float(h) for h in halves] == pytest.approx([-0.28, 1.0], abs=1e-6)
+    assert float(sum(halves) / 2) == pytest.approx(0.36, abs=1e-6)
+    # per-row means instead: (−0.7 / 3 + 2.5 / 2) / 2 = 0.5083, not the batch's 0.36
+    plain = [float(rlhf.policy_loss(new[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], 0.2)[0])
+             for i in range(2)]
+    assert sum(plain) / 2 == pytest.approx(0.508333, abs=1e-5)
+    # the value loss: ½ · (0.81 + 0.64 + 2.25) / 2.5 and ½ · (0.25 + 0.64) / 2.5 average to 0.459
+    v_old = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1e6]])
+    v_new = torch.tensor([[1.1, 1.5, 1.5], [-0.5, -0.5, -1e6]])
+    ret = torch.tensor([[2.0, 2.0, 0.0], [0.0, -1.0, 1e6]])
+    v = [rlhf.value_loss(v_new[i : i + 1], v_old[i : i + 1], ret[i : i + 1], mask[i : i + 1], 0.2, num_tokens=2.5)[0]
+         for i in range(2)]
+    assert float(sum(v) / 2) == pytest.approx(0.459, abs=1e-6)
+
+
 def test_value_loss_clipped_and_unclipped_by_hand() -> None:
     old = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1e6]])
     new = torch.tensor([[1.1, 1.5, 1.5], [-0.5, -0.5, -1e6]])

@@ -20,9 +20,13 @@ setup → train → save:
   5. measure the final policy the same way; write the policy (AutoModelForCausalLM), the value model
      (value_model/), samples and summary.json atomically.
 
-N processes (`accelerate launch`): each samples its own slice of the global prompt batch; advantages are
-whitened with the whole batch's statistics and every logged number is averaged over processes; only the
-main process writes. The math is in pipeline/rlhf.py, one pure function per formula.
+N processes (`accelerate launch`, DDP or DeepSpeed ZeRO): each samples its own slice of the global prompt
+batch; advantages are whitened with the whole batch's statistics, token losses are divided by the whole
+minibatch's token count, and every logged number is averaged over processes; only the main process writes.
+Sampling seeds belong to fixed chunks of the global batch (`generation_batch_size` prompts each), so N
+processes sample what one process would. Under ZeRO-3 the reference and reward model are sharded inference
+engines, every rank makes the same number of forwards (a forward is a collective there), and the policy is
+gathered once per `generate` (see pipeline/distributed.py). The math is in pipeline/rlhf.py.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import rlhf, tracking
+from pipeline import distributed, rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import load_corpus, load_prompts, pack_corpus
@@ -83,6 +86,17 @@ class PolicyAndValue(torch.nn.Module):
             ptx_logits = self.policy(input_ids=ptx_input_ids, use_cache=False).logits
         return logits, values, ptx_logits
 
+    # What TRL's `unwrap_model_for_generation` asks of the module it unwraps.
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.gradient_checkpointing_disable()
+
 
 @dataclass
 class Models:
@@ -90,9 +104,10 @@ class Models:
 
     accelerator: Accelerator
     model: torch.nn.Module  # PolicyAndValue, as returned by accelerator.prepare
-    ref_policy: PreTrainedModel
-    reward_model: PreTrainedModel
+    ref_policy: torch.nn.Module  # frozen; a DeepSpeed inference engine under DeepSpeed
+    reward_model: torch.nn.Module  # frozen; idem
     tokenizer: PreTrainedTokenizerBase
+    gather_for_generation: bool = True
 
 
 @dataclass
@@ -127,12 +142,9 @@ def run(cfg: Config) -> dict[str, Any]:
     started = time.time()
     p = cfg.ppo
     hf_set_seed(cfg.seed)
-    # The scheduler counts this process's optimizer steps; by default accelerate would step it once per
-    # process on every step (its convention for data-sharded epochs), decaying N times too fast.
-    # N processes without CUDA (`torchrun --nproc_per_node N`) run data-parallel on CPU over gloo.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if p.bf16 else "no", step_scheduler_with_optimizer=False,
-                              cpu=cpu)
+    # Before any model is loaded: under ZeRO-3 `from_pretrained` then partitions the weights as it loads.
+    accelerator = distributed.build_accelerator(bf16=p.bf16, micro_batch_size=p.minibatch_size,
+                                                max_grad_norm=p.max_grad_norm, key="ppo")
     is_main = accelerator.is_main_process
 
     # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
@@ -159,10 +171,6 @@ def run(cfg: Config) -> dict[str, Any]:
     if p.disable_dropout:
         for m in (policy, ref_policy, reward_model, value_model):
             disable_dropout_in_model(m)
-    for m in (ref_policy, reward_model):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(accelerator.device)
 
     ptx_blocks = _blocks(ptx_corpus, tokenizer, p.ptx_block_size) if ptx_corpus is not None else None
     eval_blocks = (_blocks(ptx_eval_corpus, tokenizer, p.ptx_block_size)[: p.eval_corpus_blocks]
@@ -176,7 +184,12 @@ def run(cfg: Config) -> dict[str, Any]:
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(p.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    models = Models(accelerator, model, ref_policy, reward_model, tokenizer)
+    # Frozen models: sharded inference engines under ZeRO-3, replicated otherwise (collective: every rank).
+    models = Models(accelerator, model, distributed.prepare_frozen(ref_policy, accelerator),
+                    distributed.prepare_frozen(reward_model, accelerator), tokenizer, p.gather_for_generation)
+    layout = distributed.describe(accelerator, trained=model, reference=models.ref_policy,
+                                  reward_model=models.reward_model)
+    log.info("ppo: %s", layout)
 
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     resume_from = out.prepare(is_main=is_main)
@@ -209,10 +222,7 @@ def run(cfg: Config) -> dict[str, Any]:
         step = iteration + 1
         # a. rollout on this process's slice of the iteration's global prompt batch
         batch = _iteration_prompts(train_prompts, p.rollout_batch_size, iteration, cfg.seed, accelerator)
-        rollout = generate_rollout(
-            models, batch, p, gold,
-            seed=cfg.seed * 1_000_003 + iteration * accelerator.num_processes + accelerator.process_index,
-        )
+        rollout = _sample_batch(models, batch, p, gold, cfg.seed, iteration)
         # b. rewards and advantages
         scores = rollout.scores.clone()
         if p.missing_eos_penalty is not None:
@@ -253,7 +263,7 @@ def run(cfg: Config) -> dict[str, Any]:
         state["history"].append({tracking.STEP: p.iterations, **final})
     metrics = _summary_metrics(final, baseline, state, p)
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, reward_model=rm_path,
-                            resumed_from=resume_from)
+                            resumed_from=resume_from, distributed=layout)
     staging = out.begin_final()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -281,44 +291,77 @@ def run(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- rollout
 
 
+def _sample_batch(models: Models, prompts: list[tuple[str, str]], p: PPOConfig, gold: Any, seed: int,
+                  iteration: int) -> Rollout:
+    """This process's rollout of iteration `iteration`, sampled in chunks of `generation_batch_size` prompts.
+
+    Each chunk's seed is fixed by its place in the iteration's global batch, not by the process that
+    samples it: N processes draw the same completions as one process with N times the batch.
+    """
+    accelerator = models.accelerator
+    chunk = p.generation_batch_size or p.rollout_batch_size
+    chunks_per_process = p.rollout_batch_size // chunk
+    first = accelerator.process_index * chunks_per_process
+    global_chunks = chunks_per_process * accelerator.num_processes
+    seeds = [seed * 1_000_003 + iteration * global_chunks + first + k for k in range(chunks_per_process)]
+    return generate_rollout(models, prompts, p, gold, seeds, chunk_size=chunk)
+
+
 @torch.no_grad()
 def generate_rollout(
-    models: Models, prompts: list[tuple[str, str]], p: PPOConfig, gold: Any, seed: int, with_values: bool = True
+    models: Models,
+    prompts: list[tuple[str, str]],
+    p: PPOConfig,
+    gold: Any,
+    seed: int | list[int],
+    chunk_size: int | None = None,
+    with_values: bool = True,
 ) -> Rollout:
     """Sample one completion of each (model text, plain text) prompt and score it, all without gradients.
 
-    Sampling runs on the unwrapped policy in eval mode with the KV cache; the log-probs are then recomputed
-    by a plain forward (the numbers PPO's ratio compares against), at the sampling temperature.
+    Sampling runs in eval mode with the KV cache, `chunk_size` prompts per `generate` (all at once by
+    default), chunk k seeded with `seed[k]`; the policy's ZeRO-3 shards are gathered once for all chunks
+    unless `ppo.gather_for_generation` is off. The log-probs are then recomputed by a plain forward (the
+    numbers PPO's ratio compares against), at the sampling temperature.
     """
     accelerator, tokenizer = models.accelerator, models.tokenizer
-    ref_policy, reward_model = models.ref_policy, models.reward_model
+    ref_policy, reward_model = models.ref_policy, distributed.inner(models.reward_model)
     unwrapped = accelerator.unwrap_model(models.model)
-    policy = unwrapped.policy
     device = accelerator.device
-    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = "left"  # generation appends on the right
-    tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, next to the completion
-    try:
-        enc = tokenizer([t for t, _ in prompts], return_tensors="pt", padding=True, truncation=True,
-                        max_length=p.max_prompt_length, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
-    context = enc["input_ids"].shape[1]
+    chunk_size = chunk_size or len(prompts)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) != -(-len(prompts) // chunk_size):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts in chunks of {chunk_size}")
     was_training = unwrapped.training
-    unwrapped.eval()
-    torch.manual_seed(seed)  # the sampling noise of this batch, whatever ran before (resume is exact)
-    sequences = policy.generate(
-        **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-        max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    # Every batch has R = max_new_tokens completion columns, so N processes gather equal shapes.
-    responses = sequences[:, context:]
-    if responses.shape[1] < p.max_new_tokens:
-        pad = responses.new_full((len(responses), p.max_new_tokens - responses.shape[1]), tokenizer.pad_token_id)
-        responses = torch.cat([responses, pad], dim=1)
+    pieces = []
+    with distributed.gathered_for_generation(models.model, accelerator, models.gather_for_generation) as gathered:
+        gathered.eval()
+        for k, start in enumerate(range(0, len(prompts), chunk_size)):
+            enc = _encode_prompts(tokenizer, [t for t, _ in prompts[start : start + chunk_size]],
+                                  p.max_prompt_length, device)
+            torch.manual_seed(seeds[k])  # the sampling noise of this chunk, whatever ran before (resume is exact)
+            sequences = gathered.policy.generate(
+                **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            pieces.append((enc["input_ids"], enc["attention_mask"], sequences[:, enc["input_ids"].shape[1] :]))
+    policy = unwrapped.policy
+    # One left-padded prompt width P for the batch; every completion has R = max_new_tokens columns, so
+    # chunks concatenate and N processes gather equal shapes.
+    context = max(q.shape[1] for q, _, _ in pieces)
+    queries, query_masks, all_responses = [], [], []
+    for q, qm, resp in pieces:
+        queries.append(_left_pad(q, context, tokenizer.pad_token_id))
+        query_masks.append(_left_pad(qm, context, 0))
+        if resp.shape[1] < p.max_new_tokens:
+            resp = torch.cat([resp, resp.new_full((len(resp), p.max_new_tokens - resp.shape[1]),
+                                                  tokenizer.pad_token_id)], dim=1)
+        all_responses.append(resp)
+    responses = torch.cat(all_responses)
     mask, ended = rlhf.completion_mask(responses, tokenizer.eos_token_id)
-    query_responses = torch.cat([enc["input_ids"], responses], dim=1)
-    attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    query_responses = torch.cat([torch.cat(queries), responses], dim=1)
+    attention_mask = torch.cat([torch.cat(query_masks), mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     logprobs, ref_logprobs, values, scores = [], [], [], []
@@ -358,6 +401,24 @@ def generate_rollout(
     )
 
 
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, next to the completion
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                         add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old_side, old_trunc
+
+
+def _left_pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t.new_full((len(t), width - t.shape[1]), value), t], dim=1)
+
+
 def _response_logprobs(logits: torch.Tensor, ids: torch.Tensor, context: int, temperature: float) -> torch.Tensor:
     """Log-probs of the completion tokens: position t of the sequence predicts token t + 1."""
     return rlhf.logprobs_from_logits(logits[:, context - 1 : -1] / temperature, ids[:, context:])
@@ -379,20 +440,22 @@ def ppo_update(
     seed: int,
     iteration: int,
 ) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch."""
+    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
+
+    The shuffle is per generation chunk (`_minibatches`), so every process count forms the same global
+    minibatches from the same samples.
+    """
     model.train()
-    gen = torch.Generator().manual_seed(seed * 7919 + iteration)
     context = rollout.context_length
     sums: dict[str, float] = {}
     steps = 0
-    for _ in range(p.ppo_epochs):
-        order = torch.randperm(len(rollout.mask), generator=gen).to(rollout.mask.device)
-        for start in range(0, len(order), p.minibatch_size):
-            idx = order[start : start + p.minibatch_size]
+    for minibatches in _minibatches(p, seed, iteration, accelerator):
+        for idx in minibatches:
+            idx = idx.to(rollout.mask.device)
             mb = rollout.index(idx)
             ptx_ids = None
             if ptx_blocks is not None:
-                step_index = iteration * p.ppo_epochs * (len(order) // p.minibatch_size) + steps
+                step_index = iteration * p.ppo_epochs * len(minibatches) + steps
                 ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
             with accelerator.autocast():
                 logits, values, ptx_logits = model(mb["query_responses"], mb["attention_mask"], mb["position_ids"],
@@ -401,11 +464,16 @@ def ppo_update(
             logprobs = rlhf.logprobs_from_logits(logits, mb["query_responses"][:, context:])
             values = values[:, context - 1 : -1]
             mask = mb["mask"]
-            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range)
-            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value)
+            # Token means over the whole minibatch of all processes: gradients averaged over N processes
+            # are then those of one process on the combined minibatch.
+            num_tokens = _global_token_count(accelerator, mask)
+            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range,
+                                                 num_tokens=num_tokens)
+            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value,
+                                               num_tokens=num_tokens)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
             loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
-            accelerator.backward(loss)
+            accelerator.backward(loss)  # under DeepSpeed the engine also clips and steps here
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -419,7 +487,7 @@ def ppo_update(
                     "ppo/approx_kl": pg_stats["approx_kl"],
                     "ppo/value_clip_frac": vf_clip,
                     "ppo/entropy": rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask),
-                    "ppo/grad_norm": grad_norm if grad_norm is not None else torch.tensor(float("nan")),
+                    "ppo/grad_norm": torch.as_tensor(float("nan") if grad_norm is None else float(grad_norm)),
                 }
                 if ptx is not None:
                     stats["ppo/ptx_loss"] = ptx
@@ -428,6 +496,34 @@ def ppo_update(
             steps += 1
     local = {k: v / steps for k, v in sums.items()}
     return _mean_over_processes(accelerator, local)
+
+
+def _minibatches(p: PPOConfig, seed: int, iteration: int, accelerator: Accelerator) -> list[list[torch.Tensor]]:
+    """For each PPO epoch, this process's minibatches as index tensors into its rollout.
+
+    Each generation chunk (`generation_batch_size` samples, one seed per place in the global batch) is
+    shuffled with its own generator, and minibatch j takes the j-th slice of every local chunk. A global
+    minibatch is then the j-th slice of every chunk of the global batch, whichever process holds it: one
+    process with N times the batch takes the same optimizer steps as N processes.
+    """
+    chunk = p.generation_batch_size or p.rollout_batch_size
+    n_chunks = p.rollout_batch_size // chunk
+    per_chunk = p.minibatch_size // n_chunks
+    first = accelerator.process_index * n_chunks
+    gens = [torch.Generator().manual_seed(seed * 7919 + iteration + 1_000_003 * (first + c)) for c in range(n_chunks)]
+    epochs = []
+    for _ in range(p.ppo_epochs):
+        orders = [c * chunk + torch.randperm(chunk, generator=gens[c]) for c in range(n_chunks)]
+        epochs.append([torch.cat([o[j : j + per_chunk] for o in orders]) for j in range(0, chunk, per_chunk)])
+    return epochs
+
+
+def _global_token_count(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
+    """The minibatch's real tokens over all processes, divided by their number (see `rlhf.policy_loss`)."""
+    count = mask.sum().detach()
+    if accelerator.num_processes == 1:
+        return count.clamp(min=1)
+    return (accelerator.reduce(count, reduction="sum") / accelerator.num_processes).clamp(min=1)
 
 
 def _ptx_batch(blocks: torch.Tensor, step: int, batch_size: int, seed: int, accelerator: Accelerator) -> torch.Tensor:
@@ -524,23 +620,28 @@ def evaluate_policy(
     """Held-out metrics of the current policy: sampled completions (temperature 1) scored by the reward model
     and the gold reward, their KL to the SFT reference, and the LM loss on held-out corpus blocks.
 
-    Prompts are split over processes and the per-sample records gathered, so the numbers are global. The
-    same seed at every evaluation: the SFT-vs-PPO difference is the policy's, not the sampling noise's.
+    The prompts are cut into chunks of `eval_batch_size`, each with its own seed, and the chunks split over
+    processes (every process runs as many as the busiest, repeating one and dropping its results: under
+    ZeRO-3 a forward is a collective); the records are gathered, so the numbers are global and the same
+    for any number of processes. The same seeds at every evaluation: the SFT-vs-PPO difference is the
+    policy's, not the sampling noise's.
     """
     accelerator = models.accelerator
     records: list[dict[str, Any]] = []
-    with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
-        for i in range(0, len(mine), p.eval_batch_size):
-            chunk = [prompts[j] for j in mine[i : i + p.eval_batch_size]]
-            r = generate_rollout(models, chunk, p, gold, seed=seed + 7_919 * accelerator.process_index + i,
-                                 with_values=False)
-            kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
-            for b in range(len(chunk)):
-                records.append({
-                    "prompt": r.prompts[b], "completion": r.completions[b], "score": float(r.scores[b]),
-                    "gold": r.gold[b] if r.gold is not None else None, "kl": float(kl[b]),
-                    "ended": bool(r.ended[b]), "num_tokens": int(r.mask[b].sum()),
-                })
+    starts = list(range(0, len(prompts), p.eval_batch_size))
+    mine, real = distributed.even_split(len(starts), accelerator)
+    for j, c in enumerate(mine):
+        chunk = prompts[starts[c] : starts[c] + p.eval_batch_size]
+        r = generate_rollout(models, chunk, p, gold, seed=seed + starts[c], with_values=False)
+        if j >= real:
+            continue
+        kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1)
+        for b in range(len(chunk)):
+            records.append({
+                "prompt": r.prompts[b], "completion": r.completions[b], "score": float(r.scores[b]),
+                "gold": r.gold[b] if r.gold is not None else None, "kl": float(kl[b]),
+                "ended": bool(r.ended[b]), "num_tokens": int(r.mask[b].sum()),
+            })
     if accelerator.num_processes > 1:
         records = gather_object(records)
     n = len(records)
@@ -565,12 +666,14 @@ def corpus_loss(accelerator: Accelerator, model: torch.nn.Module, blocks: torch.
     was_training = policy.training
     policy.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    with accelerator.split_between_processes(list(range(len(blocks)))) as mine:
-        for i in range(0, len(mine), batch_size):
-            ids = blocks[mine[i : i + batch_size]].to(accelerator.device)
-            logits = policy(input_ids=ids, use_cache=False).logits
-            total += rlhf.lm_loss(logits, ids) * len(ids)
-            count += len(ids)
+    mine, real = distributed.even_split(len(blocks), accelerator)  # equal forwards on every rank (ZeRO-3)
+    for i in range(0, len(mine), batch_size):
+        ids = blocks[mine[i : i + batch_size]].to(accelerator.device)
+        logits = policy(input_ids=ids, use_cache=False).logits
+        n = min(len(ids), max(real - i, 0))  # rows past `real` repeat a block: dropped
+        if n:
+            total += rlhf.lm_loss(logits[:n], ids[:n]) * n
+            count += n
     policy.train(was_training)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return float(total / count)
@@ -629,7 +732,8 @@ def _save_checkpoint(accelerator: Accelerator, out: StageOutput, state: dict[str
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # under DeepSpeed every rank writes its own optimizer shard
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, state)
         tmp.rename(final)
