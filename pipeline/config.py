@@ -57,6 +57,8 @@ class TinyModelConfig:
     n_embd: int = _f(128, help="Hidden size; must be divisible by n_head.", ge=8)
     n_head: int = _f(4, help="Attention heads.", ge=1)
     n_positions: int = _f(256, help="Maximum sequence length the model can attend over.", ge=16)
+    dropout: float = _f(0.1, help="Dropout on embeddings, attention and residuals (GPT-2's 0.1); 0 makes training "
+                        "independent of how the batch is split over processes.", ge=0, lt=1)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -170,6 +170,16 @@ def gathered_for_generation(model: torch.nn.Module, accelerator: Accelerator, ga
         yield unwrapped
 
 
+def submodule_state_dict(state_dict: dict[str, torch.Tensor], prefix: str, module: torch.nn.Module
+                         ) -> dict[str, torch.Tensor]:
+    """The entries of a gathered full state dict (`accelerator.get_state_dict`) that belong to `module`, under
+    `prefix.`, without the copies of tied weights: gathering clones every tensor (ZeRO), so transformers can no
+    longer see that `lm_head.weight` is `wte.weight` and would save it twice."""
+    tied = getattr(module, "all_tied_weights_keys", None) or {}
+    out = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    return {k: v for k, v in out.items() if not (k in tied and tied[k] in out)}
+
+
 def even_split(n: int, accelerator: Accelerator) -> tuple[list[int], int]:
     """This rank's share of `n` items as indices, padded so that every rank gets the same number.
 

@@ -97,6 +97,9 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GP
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=cfg.tiny.dropout,
+        embd_pdrop=cfg.tiny.dropout,
+        attn_pdrop=cfg.tiny.dropout,
     )
     model = GPT2LMHeadModel(config)
     _sync_generation_config(model, tokenizer)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer
 
+from pipeline import distributed
 from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
 
@@ -46,13 +46,42 @@ def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) ->
         "activation_checkpointing": train.gradient_checkpointing,
         "report_to": "none",  # pipeline.tracking adds its own callbacks (W&B, TensorBoard) with our metric names
         "run_name": f"{cfg.profile}-{stage}",
-        # N processes on a machine without CUDA (`torchrun --nproc_per_node N -m pipeline ...`) is
-        # data-parallel CPU training over gloo; transformers only sets that up when told to use the CPU.
-        "use_cpu": int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        # N processes without CUDA: gloo; DDP or DeepSpeed as the launcher selected (pipeline.distributed).
+        **distributed.trainer_distributed_kwargs(),
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,
     }
+
+
+def loss_before_training(trainer: Trainer) -> float:
+    """The held-out loss of the model before `trainer.train()` (the `eval/loss` a stage reports as `_init`).
+
+    Outside DeepSpeed this is `trainer.evaluate()`. Under DeepSpeed, evaluating before training makes the
+    Trainer wrap the model in an inference engine that `train()` then cannot train (and refuses under
+    ZeRO-2), so the loss is computed here on the still unwrapped model: each process scores its shard of the
+    prepared eval dataloader, and the per-sample losses are gathered without the padding duplicates, as
+    `Trainer.evaluate` does.
+    """
+    if not trainer.is_deepspeed_enabled:
+        return float(trainer.evaluate()["eval_loss"])
+    accelerator = trainer.accelerator
+    model = trainer.model.to(accelerator.device)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            inputs = {k: v.to(accelerator.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            loss = model(**inputs, use_cache=False).loss.detach().float()
+            losses.append(accelerator.gather_for_metrics(loss.repeat(len(inputs["input_ids"]))))
+    model.train(was_training)
+    return float(torch.cat(losses).mean())
+
+
+def check_launch(trainer: Trainer) -> None:
+    """Stop before training when the launcher asked for DeepSpeed and the Trainer would run without it."""
+    distributed.check_backend(trainer.accelerator.distributed_type)
 
 
 def save_stage_output(
@@ -69,6 +98,7 @@ def save_stage_output(
     summary.json is written last and the directory renamed into place by `StageOutput.commit`.
     """
     staging = out.begin_final()
+    summary = {**summary, "distributed": distributed.describe(trainer.accelerator, model=trainer.model_wrapped)}
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():

@@ -270,13 +270,13 @@ def run(cfg: Config) -> dict[str, Any]:
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
     if is_main:
         unwrapped.policy.save_pretrained(
-            staging, state_dict={k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+            staging, state_dict=distributed.submodule_state_dict(state_dict, "policy", unwrapped.policy)
         )
         tokenizer.save_pretrained(staging)
         value_dir = staging / "value_model"
         unwrapped.value_model.save_pretrained(
             value_dir,
-            state_dict={k[len("value_model."):]: v for k, v in state_dict.items() if k.startswith("value_model.")},
+            state_dict=distributed.submodule_state_dict(state_dict, "value_model", unwrapped.value_model),
         )
         value_tokenizer.save_pretrained(value_dir)
         write_jsonl(staging / "log_history.jsonl", state["history"])

@@ -28,7 +28,7 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus, pack_corpus
 from pipeline.modeling import context_length, load_base
-from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -69,6 +69,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         processing_class=tokenizer,
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
+    check_launch(trainer)
     trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Evaluate and save atomically.

@@ -40,7 +40,7 @@ from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
 from pipeline.data import load_demonstrations, load_rankings, ranking_pairs
 from pipeline.evaluation import GoldFn, check_gold_covers, gold_function, render_prompt
 from pipeline.modeling import compute_rewards, context_length, load_reward_model, shift_reward
-from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "rm"
@@ -107,6 +107,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         held_out=held_out,
         gold=gold,
     )
+    check_launch(trainer)
 
     # 4. The untrained head, measured once (a resumed run reads the numbers saved before the interruption).
     baseline = out.load_baseline()

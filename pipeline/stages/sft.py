@@ -29,7 +29,13 @@ from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_demonstrations
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.modeling import context_length, load_stage_model
-from pipeline.training import final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import (
+    check_launch,
+    final_metrics,
+    loss_before_training,
+    save_stage_output,
+    trainer_kwargs,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -76,11 +82,12 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         processing_class=tokenizer,
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
+    check_launch(trainer)
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
         metrics: dict[str, float] = {}
         if eval_ds is not None:
-            metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+            metrics["eval/loss"] = trainer.evaluate()["eval_loss"] if tag != "initial" else loss_before_training(trainer)
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
             gen, samples = generation_eval(
                 unwrapped, tokenizer, eval_rows, s.generation, gold, trainer.accelerator, cfg.seed
