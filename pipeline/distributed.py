@@ -78,9 +78,11 @@ def build_accelerator(
     check_backend(accelerator.distributed_type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        _fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size, f"{key}.minibatch_size")
-        _fill(ds, "gradient_accumulation_steps", grad_accum, f"{key}.grad_accum")
-        _fill(ds, "gradient_clipping", max_grad_norm, f"{key}.max_grad_norm")
+        fill_deepspeed_config(accelerator, {
+            "train_micro_batch_size_per_gpu": (micro_batch_size, f"{key}.minibatch_size"),
+            "gradient_accumulation_steps": (grad_accum, f"{key}.grad_accum"),
+            "gradient_clipping": (max_grad_norm, f"{key}.max_grad_norm"),
+        })
         ds["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes
         # Optimizer offload swaps our AdamW for DeepSpeed's CPU Adam unless told not to; its Adam keeps
         # AdamW's hyperparameters, so let it (it is what makes offload fast).
@@ -90,13 +92,20 @@ def build_accelerator(
     return accelerator
 
 
-def _fill(ds_config: dict[str, Any], name: str, value: Any, key: str) -> None:
-    current = ds_config.get(name, "auto")
-    if current in ("auto", None) or current == value:
-        ds_config[name] = value
-        return
-    raise ConfigError(f"the DeepSpeed config sets '{name}: {current}' but '{key}' is {value}: remove '{name}' "
-                      f"from the accelerate/DeepSpeed config (it comes from '{key}') or make them equal")
+def fill_deepspeed_config(accelerator: Accelerator, values: dict[str, tuple[Any, str]]) -> None:
+    """Set DeepSpeed config entries from our config: {name: (value, config key it comes from)}.
+
+    An entry the DeepSpeed config leaves unset or "auto" takes our value; one it hard-codes to something
+    else is a ConfigError naming both, never a silent override in either direction.
+    """
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for name, (value, key) in values.items():
+        current = ds_config.get(name, "auto")
+        if current in ("auto", None) or current == value:
+            ds_config[name] = value
+            continue
+        raise ConfigError(f"the DeepSpeed config sets '{name}: {current}' but '{key}' is {value}: remove "
+                          f"'{name}' from the accelerate/DeepSpeed config (it comes from '{key}') or make them equal")
 
 
 def _offloads(ds_config: dict[str, Any]) -> bool:

@@ -79,9 +79,18 @@ def loss_before_training(trainer: Trainer) -> float:
     return float(torch.cat(losses).mean())
 
 
-def check_launch(trainer: Trainer) -> None:
-    """Stop before training when the launcher asked for DeepSpeed and the Trainer would run without it."""
+def check_launch(trainer: Trainer, stage: str) -> None:
+    """Stop before training when the launcher asked for DeepSpeed and the Trainer would run without it, or
+    when the DeepSpeed config hard-codes a batch size, accumulation or clipping that contradicts the stage's
+    (transformers fills the unset ones from the same arguments, and would only complain once training starts)."""
     distributed.check_backend(trainer.accelerator.distributed_type)
+    if trainer.is_deepspeed_enabled:
+        args = trainer.args
+        distributed.fill_deepspeed_config(trainer.accelerator, {
+            "train_micro_batch_size_per_gpu": (args.per_device_train_batch_size, f"{stage}.batch_size"),
+            "gradient_accumulation_steps": (args.gradient_accumulation_steps, f"{stage}.grad_accum"),
+            "gradient_clipping": (args.max_grad_norm, f"{stage}.max_grad_norm"),
+        })
 
 
 def save_stage_output(

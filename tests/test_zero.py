@@ -191,7 +191,6 @@ def test_interrupted_zero3_ppo_resumes_and_matches_the_uninterrupted_run(
     assert_ppo_matches(chain["run"] / "ppo", tmp_path / "ppo")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "rm"])
 def test_trainer_stages_under_zero3_on_two_processes_match_one_process(
     chain: dict[str, Any], tmp_path: Path, stage: str
@@ -215,3 +214,24 @@ def test_trainer_stages_under_zero3_on_two_processes_match_one_process(
     if stage == "rm":
         from transformers import AutoModelForSequenceClassification as loader
     assert loader.from_pretrained(two).num_parameters() > 0
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "ppo"])
+def test_a_preset_that_contradicts_the_stage_config_fails_with_one_clear_error(
+    chain: dict[str, Any], tmp_path: Path, stage: str
+) -> None:
+    """Clipping comes from `<stage>.max_grad_norm`; a preset that hard-codes another value must not win
+    silently (nor lose silently): the stage stops before training and names both."""
+    preset = ROOT / "configs" / "accelerate" / "zero3.yaml"
+    bad = tmp_path / "zero3_clip.yaml"
+    bad.write_text(preset.read_text().replace("  zero_stage: 3\n", "  zero_stage: 3\n  gradient_clipping: 0.5\n"))
+    cmd = [ACCELERATE, "launch", "--config_file", str(bad), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(_free_port()), "-m", "pipeline", stage, "--config", "configs/tiny.yaml",
+           *two_process_overrides(chain, tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode != 0
+    assert f"'gradient_clipping: 0.5' but '{stage}.max_grad_norm' is 1.0" in proc.stderr, proc.stderr[-3000:]
+    # no stack trace from the ranks (accelerate's launcher still reports the failed children in its own words)
+    assert "[rank0]: Traceback" not in proc.stderr and "/pipeline/" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "runs" / stage).exists()

@@ -89,6 +89,8 @@ class PolicyAndValue(torch.nn.Module):
     # What TRL's `unwrap_model_for_generation` asks of the module it unwraps.
     @property
     def is_gradient_checkpointing(self) -> bool:
+        if hasattr(self.policy, "is_activation_checkpointing"):  # transformers 5's name for it
+            return bool(self.policy.is_activation_checkpointing)
         return bool(getattr(self.policy, "is_gradient_checkpointing", False))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:

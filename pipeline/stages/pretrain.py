@@ -69,7 +69,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         processing_class=tokenizer,
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
-    check_launch(trainer)
+    check_launch(trainer, STAGE)
     trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Evaluate and save atomically.

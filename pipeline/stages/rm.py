@@ -107,7 +107,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         held_out=held_out,
         gold=gold,
     )
-    check_launch(trainer)
+    check_launch(trainer, STAGE)
 
     # 4. The untrained head, measured once (a resumed run reads the numbers saved before the interruption).
     baseline = out.load_baseline()

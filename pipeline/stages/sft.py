@@ -82,7 +82,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         processing_class=tokenizer,
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
-    check_launch(trainer)
+    check_launch(trainer, STAGE)
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
         metrics: dict[str, float] = {}
