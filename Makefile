@@ -57,7 +57,7 @@ $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pi
 $(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/stages/rm.py
 	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS)
 
-$(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py
+$(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
 	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS)
 
 # The ptx ablation: the same PPO run with the pretraining term off (ppo.ptx_coef=0), from the same SFT

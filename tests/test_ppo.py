@@ -18,7 +18,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from pipeline import rlhf
+from pipeline import rlhf, rollout
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import load_stage_model, token_scores
@@ -51,7 +51,7 @@ def test_left_padding_changes_no_log_prob_value_or_reward() -> None:
         context = left_pad + len(prompt)
         with torch.no_grad():
             logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-            logprobs = ppo._response_logprobs(logits, ids, context, temperature=1.0) * mask
+            logprobs = rollout.response_logprobs(logits, ids, context, temperature=1.0) * mask
             scores = token_scores(value, ids, attention, positions)
         values = scores[:, context - 1 : -1] * mask
         reward = scores[0, context + int(rlhf.last_token_index(mask)[0])]
@@ -76,10 +76,10 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_d
 
     reward_model, _ = load_reward_model(rm_dir)
     value_model, _ = load_reward_model(rm_dir)
-    model = ppo.PolicyAndValue(policy, value_model)
+    model = rollout.PolicyAndValue(policy, value_model)
     prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
-    models = ppo.Models(accelerator, model, ref, reward_model, tokenizer)
-    r = ppo.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
+    models = rollout.Models(accelerator, model, ref, reward_model, tokenizer)
+    r = rollout.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
     R = cfg.ppo.max_new_tokens
     assert r.responses.shape == (2, R) and r.mask.shape == (2, R) and r.logprobs.shape == (2, R)
     # Left padding: the shorter prompt starts with padding the attention mask hides.
