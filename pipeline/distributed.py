@@ -55,13 +55,13 @@ def build_accelerator(
     bf16: bool,
     micro_batch_size: int,
     max_grad_norm: float,
-    grad_accum: int = 1,
     key: str,
 ) -> Accelerator:
     """The Accelerator of a hand-written training loop (the PPO stage), for whatever the launcher selected.
 
-    `micro_batch_size` is the number of sequences per process in one forward/backward of the trained model,
-    `max_grad_norm` the clipping norm, `key` the config section they come from (named in errors). Mixed
+    `micro_batch_size` is the number of sequences per process in one forward/backward of the trained model
+    (one optimizer step each: no accumulation), `max_grad_norm` the clipping norm, `key` the config section
+    they come from (named in errors). Mixed
     precision: bf16 when the stage's config says so, otherwise what the launcher's config says.
     """
     handlers = []
@@ -74,16 +74,16 @@ def build_accelerator(
     # The scheduler counts this process's optimizer steps: by default accelerate would step it once per
     # process on every step (its convention for data-sharded epochs), decaying N times too fast.
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else None, step_scheduler_with_optimizer=False,
-                              gradient_accumulation_steps=grad_accum, cpu=cpu, kwargs_handlers=handlers)
+                              cpu=cpu, kwargs_handlers=handlers)
     check_backend(accelerator.distributed_type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         fill_deepspeed_config(accelerator, {
             "train_micro_batch_size_per_gpu": (micro_batch_size, f"{key}.minibatch_size"),
-            "gradient_accumulation_steps": (grad_accum, f"{key}.grad_accum"),
+            "gradient_accumulation_steps": (1, f"{key} (one optimizer step per minibatch)"),
             "gradient_clipping": (max_grad_norm, f"{key}.max_grad_norm"),
         })
-        ds["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes
+        ds["train_batch_size"] = micro_batch_size * accelerator.num_processes
         # Optimizer offload swaps our AdamW for DeepSpeed's CPU Adam unless told not to; its Adam keeps
         # AdamW's hyperparameters, so let it (it is what makes offload fast).
         log.info("DeepSpeed ZeRO-%d on %d processes (micro batch %d, clipping %.3g%s)", zero_stage(accelerator),
