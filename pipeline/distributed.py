@@ -189,6 +189,20 @@ def submodule_state_dict(state_dict: dict[str, torch.Tensor], prefix: str, modul
     return {k: v for k, v in out.items() if not (k in tied and tied[k] in out)}
 
 
+@contextmanager
+def gathered_params(params: list[torch.nn.Parameter | None], modifier_rank: int = 0) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned parameters inside the block; changes made on `modifier_rank` are
+    kept (broadcast to every rank on exit). A no-op for parameters that are not partitioned."""
+    params = [p for p in params if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
 def even_split(n: int, accelerator: Accelerator) -> tuple[list[int], int]:
     """This rank's share of `n` items as indices, padded so that every rank gets the same number.
 

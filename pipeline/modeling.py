@@ -31,6 +31,7 @@ from transformers import (
 
 from pipeline.config import ModelConfig, TokenizerConfig
 from pipeline.data import load_corpus
+from pipeline.distributed import gathered_params
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,15 @@ def shift_reward(model: PreTrainedModel, shift: float) -> str:
     in `config.reward_shift`, which this project's loaders subtract; the summary says which happened.
     """
     head = model.score
-    if head.weight.shape[0] != 1:
+    if model.config.num_labels != 1:
         raise ValueError("shift_reward expects a scalar reward head (num_labels = 1)")
-    with torch.no_grad():
+    norm = next((getattr(model.base_model, n) for n in ("ln_f", "norm", "final_layer_norm")
+                 if getattr(getattr(model.base_model, n, None), "bias", None) is not None), None)
+    # Under ZeRO-3 the head and the norm may be partitioned: gather them, change them everywhere.
+    with torch.no_grad(), gathered_params([head.weight, head.bias, norm.bias if norm is not None else None]):
         if head.bias is not None:
             head.bias -= shift
             return "head_bias"
-        norm = next((getattr(model.base_model, n) for n in ("ln_f", "norm", "final_layer_norm")
-                     if getattr(getattr(model.base_model, n, None), "bias", None) is not None), None)
         if norm is not None:
             w = head.weight[0].float()
             norm.bias += (-shift * w / w.pow(2).sum()).to(norm.bias.dtype)
