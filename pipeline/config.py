@@ -202,10 +202,19 @@ class PPOConfig:
 
     data: DataConfig = _f(help="Prompts (`prompt` or `messages` rows): train and held-out eval source.")
     init: str | None = _f(
-        None, help="Policy to start from, also the frozen KL reference: a directory or hub id; null = the sft output."
+        None, help="Policy to start from, also the frozen KL reference unless ppo.reference is set: a directory or "
+        "hub id; null = the sft output."
+    )
+    reference: str | None = _f(
+        None, help="Frozen KL reference when it differs from ppo.init (the held-out `_init` metrics stay those "
+        "of ppo.init), e.g. a later RLHF round continuing from the last policy but penalized against SFT; null = ppo.init."
     )
     reward_model: str | None = _f(
         None, help="Frozen reward model: a directory or hub id; null = this profile's rm output."
+    )
+    reward: Literal["model", "gold"] = _f(
+        "model", help="What PPO maximizes: the reward model's score, or (an oracle run, tiny task only) the gold "
+        "reward itself, which shows the gain a perfect reward model would allow."
     )
     value_init: str | None = _f(
         None, help="Value model to start from (a reward-model directory); null = the reward model (InstructGPT)."

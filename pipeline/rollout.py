@@ -196,6 +196,10 @@ def generate_rollout(
         completions.append(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True))
     plain = [q for _, q in prompts]
     logprobs_t = torch.cat(logprobs) * mask
+    golds = [gold(q, c, bool(e)) for q, c, e in zip(plain, completions, ended, strict=True)] if gold else None
+    scores_t = torch.cat(scores)
+    if p.reward == "gold":  # the oracle run: the gold reward replaces the reward model's score
+        scores_t = torch.tensor(golds, dtype=scores_t.dtype, device=scores_t.device)
     return Rollout(
         query_responses=query_responses,
         attention_mask=attention_mask,
@@ -206,10 +210,10 @@ def generate_rollout(
         logprobs=logprobs_t,
         ref_logprobs=torch.cat(ref_logprobs) * mask,
         values=torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t),
-        scores=torch.cat(scores),
+        scores=scores_t,
         prompts=plain,
         completions=completions,
-        gold=[gold(q, c, bool(e)) for q, c, e in zip(plain, completions, ended, strict=True)] if gold else None,
+        gold=golds,
     )
 
 

@@ -154,6 +154,29 @@ def test_ptx_coef_zero_is_plain_ppo(make_config: Callable[..., Config], sft_dir:
     assert not any("ppo/ptx_loss" in r for r in history)
 
 
+def test_oracle_run_maximizes_the_gold_reward_and_a_separate_reference_anchors_the_kl(
+    make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path, tmp_path: Path
+) -> None:
+    """ppo.reward=gold: the score PPO sees is the gold reward itself. ppo.reference: a policy continued from an
+    earlier PPO run is penalized against SFT, so its held-out KL is to SFT from the first evaluation on."""
+    cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.reward=gold", "ppo.iterations=2", "ppo.lr=1e-3",
+                      "ppo.eval_steps=null", "ppo.ptx_coef=0")
+    ppo.run(cfg)
+    first = cfg.stage_dir("ppo")
+    history = [json.loads(line) for line in (first / "log_history.jsonl").read_text().splitlines()]
+    rows = [r for r in history if "ppo/score" in r]
+    assert [r["ppo/score"] for r in rows] == pytest.approx([r["ppo/gold_score"] for r in rows])
+
+    cont = make_config(f"ppo.init={first}", f"ppo.reference={sft_dir}", f"ppo.reward_model={rm_dir}",
+                       "ppo.iterations=1", "ppo.eval_steps=null", "ppo.ptx_coef=0", run_dir=tmp_path / "round2")
+    metrics = ppo.run(cont)
+    assert metrics["eval/kl_init"] > 1e-4  # the continued policy already differs from its SFT reference
+
+    with pytest.raises(ConfigError, match="gold reward"):
+        ppo.run(make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.reward=gold",
+                            "gold_reward=null", run_dir=tmp_path / "nogold"))
+
+
 def test_adaptive_kl_controller_moves_beta_and_the_summary_keeps_the_last_value(
     make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path
 ) -> None:

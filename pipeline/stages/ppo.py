@@ -82,11 +82,13 @@ def run(cfg: Config) -> dict[str, Any]:
     init = p.init or str(cfg.stage_dir("sft"))
     rm_path = p.reward_model or str(cfg.stage_dir("rm"))
     policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}")
-    ref_policy, _ = load_stage_model(init)
+    ref_policy, _ = load_stage_model(p.reference or init)
     reward_model, _ = load_reward_model(rm_path, make_target=None if p.reward_model else f"rm PROFILE={cfg.profile}")
     value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
-    _check_models(p, policy, reward_model, tokenizer)
+    _check_models(p, policy, ref_policy, reward_model, tokenizer)
     gold = gold_function(cfg.gold_reward)
+    if p.reward == "gold" and gold is None:
+        raise ConfigError("ppo.reward=gold (an oracle run) needs a gold reward: set gold_reward (tiny task only)")
     check_gold_covers(gold, eval_rows, tokenizer, "ppo.data.eval")
     check_gold_covers(gold, train_rows, tokenizer, "ppo.data.train")  # rollouts are scored by it too
     train_prompts = [render_prompt(r, tokenizer) for r in train_rows]
@@ -423,7 +425,7 @@ def _log_samples_table(name: str, r: Rollout, kl: torch.Tensor, n: int) -> None:
 # ------------------------------------------------------------------------------------------------- setup / save
 
 
-def _check_models(p: PPOConfig, policy: PreTrainedModel, reward_model: PreTrainedModel,
+def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedModel, reward_model: PreTrainedModel,
                   tokenizer: PreTrainedTokenizerBase) -> None:
     """Fail before training when the models cannot work together."""
     max_pos = context_length(policy)
@@ -435,6 +437,9 @@ def _check_models(p: PPOConfig, policy: PreTrainedModel, reward_model: PreTraine
     if rm_vocab < vocab:
         raise ConfigError(f"the reward model's vocabulary ({rm_vocab}) is smaller than the policy's ({vocab}): "
                           "'ppo.reward_model' must be trained from the same base model and tokenizer")
+    if ref_policy.get_input_embeddings().num_embeddings != vocab:
+        raise ConfigError(f"the KL reference {p.reference!r} has another vocabulary than the policy {p.init!r}: "
+                          "'ppo.reference' must be the policy's base (e.g. the sft output)")
     if tokenizer.eos_token_id is None:
         raise ConfigError("the policy's tokenizer has no EOS token: completions could never end")
 
