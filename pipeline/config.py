@@ -99,10 +99,13 @@ class TrackingConfig:
     wandb: bool = _f(
         True,
         help="Log each stage to Weights & Biases (one run per stage, grouped per pipeline run). Without a "
-        "W&B login it logs offline under <run_dir>/wandb; WANDB_MODE=offline|disabled is respected.",
+        "W&B login it logs offline under <run_dir>/wandb ($WANDB_DIR/wandb when set); WANDB_MODE=offline|disabled "
+        "is respected.",
     )
-    project: str = _f("rlhf-pipeline", help="W&B project.")
-    entity: str | None = _f(None, help="W&B entity (team or user); null uses your default.")
+    project: str = _f("rlhf-pipeline", help="W&B project; the WANDB_PROJECT variable wins when set.")
+    entity: str | None = _f(
+        None, help="W&B entity (team or user); null uses your default; the WANDB_ENTITY variable wins when set."
+    )
     log_model: bool = _f(False, help="Upload each stage's final model directory as a W&B artifact.")
     tensorboard: bool = _f(
         False, help="Also write TensorBoard event files to <run_dir>/tensorboard/<stage> (needs tensorboard)."
