@@ -84,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summary":
         return print_summary(cfg)
     if args.command == "report":
-        from pipeline.report import write_report  # matplotlib, only when asked for
+        from pipeline.report import headline, load_stages, write_report  # matplotlib, only when asked for
 
         try:
             path = write_report(cfg)
             plots = sorted(p.name for p in path.parent.glob("*.png"))
             print(f"report: {path} ({len(plots)} plots: {', '.join(plots)})")
+            print("".join(f"  {line}\n" for line in headline(load_stages(Path(cfg.run_dir)))), end="")
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
