@@ -183,3 +183,23 @@ def test_env_runs_without_the_dependencies_installed() -> None:
     rows = {k: v.strip() for k, v in (line.split(":", 1) for line in proc.stdout.splitlines())}
     assert rows["torch"] == "not installed" and rows["deepspeed"] == "not installed"
     assert rows["gpu"] == "unknown (torch not installed)"
+
+
+def test_env_lists_each_cuda_device_with_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU branch, on a CPU machine: torch.cuda answers as on a 2-GPU box."""
+    import torch
+
+    class Props:
+        def __init__(self, i: int) -> None:
+            self.name, self.total_memory, self.major, self.minor = f"NVIDIA H100 #{i}", 80 * 2**30, 9, 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", Props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    rows = dict(env.accelerators())
+    assert rows["cuda available"] == "yes, 2 devices"
+    assert rows["cuda:0"] == "NVIDIA H100 #0, 80.0 GiB, compute capability 9.0"
+    assert rows["cuda:1"].startswith("NVIDIA H100 #1")
+    assert rows["bf16 supported"] == "yes" and rows["CUDA_VISIBLE_DEVICES"] == "2,3"
