@@ -22,11 +22,12 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo ptx-ablation summary report test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo ptx-ablation summary report env test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=$(PROFILE)  ARGS=\"...\"  LAUNCH=\"$(LAUNCH)\""
+	@echo "  a stage's keys (type, bounds, help, value): $(PY) -m pipeline <stage> --help --config $(CONFIG)$(if $(ARGS), $(ARGS))"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -76,6 +77,11 @@ summary: $(STAMP)  ## print the final metrics of this profile's finished stages
 
 report: $(STAMP)  ## HTML report with plots of the finished stages: runs/<PROFILE>/report/index.html
 	@$(PY) -m pipeline report --config $(CONFIG) $(ARGS)
+
+# No install and no config needed: a bug report about a failed install needs it most. Falls back to the
+# system python3 when .venv does not exist yet (pipeline/env.py uses only the standard library).
+env:  ## versions (Python, torch, transformers, trl, ...), OS, CPUs, GPUs: paste it into a bug report
+	@$(if $(wildcard $(PY)),$(PY),python3) -m pipeline.env
 
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q

@@ -1,7 +1,9 @@
 """The CLI: `python -m pipeline <stage> --config configs/<profile>.yaml [dotted.key=value ...]`.
 
-Also `python -m pipeline config --config ...` prints the resolved config, and `python -m pipeline keys`
-lists every config key with its type and help. Under `accelerate launch -m pipeline <stage> ...` the
+Also `python -m pipeline <stage> --help [--config ...] [key=value ...]` lists every key the stage reads with
+its value in that profile, `python -m pipeline config --config ...` prints the resolved config,
+`python -m pipeline keys` lists every config key with its type and help, and `python -m pipeline env` prints
+the versions and hardware a bug report needs. Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
 User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
@@ -20,13 +22,21 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_key, to_dict
+from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_help, stage_key, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report"],
+    # Our own -h: `<stage> --help` shows the stage's keys in the chosen profile, not argparse's usage.
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
+                                     add_help=False,
+                                     epilog="`python -m pipeline <stage> --help [--config ...] [key=value ...]` "
+                                     "lists every key a stage reads, with its type, bounds, help and value in "
+                                     "the chosen profile.")
+    parser.add_argument("-h", "--help", action="store_true", help="this message; after a stage, the stage's keys")
+    parser.add_argument("command", nargs="?",
+                        choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report", "env"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
+                        "env (Python, OS, hardware and library versions, for a bug report), "
                         "summary (final metrics of the profile's finished stages), "
                         "compare DIR DIR ... (final metrics of finished stage directories side by side, with the "
                         "config keys they differ in), "
@@ -35,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
     args = parser.parse_intermixed_args(argv)
+    if args.help and args.command not in STAGES:
+        parser.print_help()
+        return 0
+    if args.command is None:
+        parser.error("a command is required (a stage, or config, keys, env, ...)")
+    if args.command == "env":
+        from pipeline.env import report
+
+        print(report(), end="")
+        return 0
 
     if args.command == "keys":
         for key, tp, help_ in describe():
@@ -52,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.help:
+        print(stage_help(cfg, args.command, args.config, args.overrides), end="")
+        return 0
     if args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
@@ -61,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summary":
         return print_summary(cfg)
     if args.command == "report":
-        from pipeline.report import write_report  # matplotlib, only when asked for
+        from pipeline.report import headline, load_stages, write_report  # matplotlib, only when asked for
 
         try:
             path = write_report(cfg)
             plots = sorted(p.name for p in path.parent.glob("*.png"))
             print(f"report: {path} ({len(plots)} plots: {', '.join(plots)})")
+            print("".join(f"  {line}\n" for line in headline(load_stages(Path(cfg.run_dir)))), end="")
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -6,14 +6,16 @@ the wrong type or out of range fails and names its dotted key. Nothing is silent
 typo in `sft.learning_rate` that quietly trains with the default is the kind of mistake an RLHF run
 only reveals hours later.
 
-Every field carries a `help` string (shown by `python -m pipeline config --help-keys`) and, where it
-matters, bounds (`ge`, `gt`, `le`) that are checked at load time.
+Every field carries a `help` string and, where it matters, bounds (`ge`, `gt`, `le`, `lt`) that are checked at
+load time. `python -m pipeline keys` lists every key; `python -m pipeline <stage> --help` (`stage_help`) lists
+the keys one stage reads with their values in the chosen profile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,10 +99,13 @@ class TrackingConfig:
     wandb: bool = _f(
         True,
         help="Log each stage to Weights & Biases (one run per stage, grouped per pipeline run). Without a "
-        "W&B login it logs offline under <run_dir>/wandb; WANDB_MODE=offline|disabled is respected.",
+        "W&B login it logs offline under <run_dir>/wandb ($WANDB_DIR/wandb when set); WANDB_MODE=offline|disabled "
+        "is respected.",
     )
-    project: str = _f("rlhf-pipeline", help="W&B project.")
-    entity: str | None = _f(None, help="W&B entity (team or user); null uses your default.")
+    project: str = _f("rlhf-pipeline", help="W&B project; the WANDB_PROJECT variable wins when set.")
+    entity: str | None = _f(
+        None, help="W&B entity (team or user); null uses your default; the WANDB_ENTITY variable wins when set."
+    )
     log_model: bool = _f(False, help="Upload each stage's final model directory as a W&B artifact.")
     tensorboard: bool = _f(
         False, help="Also write TensorBoard event files to <run_dir>/tensorboard/<stage> (needs tensorboard)."
@@ -344,6 +349,19 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Everything besides its own section that each stage reads (in the stage, or through tracking, checkpoint and
+# modeling): `python -m pipeline <stage> --help` lists these keys too. Whole sections or single dotted keys;
+# tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking"),
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking"),
+    # rm.normalize_data falls back to the SFT held-out demonstrations.
+    "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "sft.data.eval", "sft.data.skip_invalid"),
+    # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
+    "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "pretrain.data.train", "pretrain.data.eval"),
+}
+
+
 def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
     """The part of the resolved config that determines `stage`'s output."""
     d = to_dict(cfg)
@@ -485,6 +503,7 @@ def _check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
         ("ge", lambda v, b: v >= b, ">="),
         ("gt", lambda v, b: v > b, ">"),
         ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
     ):
         if op in meta and not ok(value, meta[op]):
             raise ConfigError(f"'{key}' must be {word} {meta[op]}, got {value!r}")
@@ -532,3 +551,119 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+
+# --------------------------------------------------------------------------------------------- stage help
+
+HELP_WIDTH = 100  # `<stage> --help` fits a 100-column terminal
+
+
+def stage_help(cfg: Config, stage: str, config_path: str | Path = "", overrides: tuple[str, ...] | list[str] = ()) -> str:
+    """`python -m pipeline <stage> --help`: every key the stage reads, grouped by section, with its type,
+    its value in `cfg` (the chosen profile after overrides), its bounds and its help, all read from the
+    dataclasses above so nothing is written twice."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    stage_field = next(f for f in dataclasses.fields(Config) if f.name == stage)
+    lines = [
+        f"usage: python -m pipeline {stage} [--config configs/<profile>.yaml] [key=value ...]",
+        f"       make {stage} PROFILE=<profile> ARGS=\"key=value ...\"",
+        "",
+        *_wrap(f"{stage}: {_doc(type(getattr(cfg, stage)))}", 0),
+        "",
+        *_wrap(f"Values are those of profile '{cfg.profile}' ({config_path or 'configs/' + cfg.profile + '.yaml'}"
+               + (f" with {' '.join(overrides)}" if overrides else "") + "); 'default x' marks a value that "
+               "differs from the built-in default. Override any key as key=value.", 0),
+    ]
+    # The stage's own section first: what the user came for.
+    lines += _section_help(getattr(cfg, stage), stage, stage_field.metadata["help"])
+    top = [k for k in STAGE_READS[stage] if "." not in k and not dataclasses.is_dataclass(getattr(cfg, k))]
+    if top:
+        lines += ["", "shared keys:"]
+        lines += _keys_help(cfg, top, "")
+    for key in STAGE_READS[stage]:
+        if key in top:
+            continue
+        if "." not in key:  # a whole shared section
+            field_ = next(f for f in dataclasses.fields(Config) if f.name == key)
+            lines += _section_help(getattr(cfg, key), key, field_.metadata["help"])
+    others = [k for k in STAGE_READS[stage] if "." in k]
+    if others:
+        lines += ["", f"keys of other stages that {stage} reads:"]
+        lines += _keys_help(cfg, others, "")
+    return "\n".join(lines) + "\n"
+
+
+def _section_help(obj: Any, prefix: str, title: str) -> list[str]:
+    """A section's scalar keys under a heading, then each nested section under its own."""
+    fields = dataclasses.fields(obj)
+    hints = typing.get_type_hints(type(obj))
+    scalars = [f.name for f in fields if not dataclasses.is_dataclass(hints[f.name])]
+    lines = ["", f"{prefix}:  {title}"]
+    lines += _keys_help(obj, scalars, f"{prefix}.")
+    for f in fields:
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _section_help(getattr(obj, f.name), f"{prefix}.{f.name}", f.metadata.get("help", ""))
+    return lines
+
+
+def _keys_help(root: Any, keys: list[str], prefix: str) -> list[str]:
+    """Two lines or more per key: `  key = value  type, bounds`, then its help indented below."""
+    lines = []
+    for key in keys:
+        *parents, name = key.split(".")
+        owner = root
+        for part in parents:
+            owner = getattr(owner, part)
+        f = next(f for f in dataclasses.fields(owner) if f.name == name)
+        tp = typing.get_type_hints(type(owner))[name]
+        value = getattr(owner, name)
+        spec = _type_name(tp).replace("None", "null")  # as it is typed in YAML
+        bounds = [f"{word} {f.metadata[op]:g}" for op, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                  if op in f.metadata]
+        if bounds:
+            spec += ", " + " and ".join(bounds)
+        default = f.default  # MISSING for sections and required keys
+        # An empty default ('' for profile, run_dir) means "derived", which the value already shows.
+        if default not in (dataclasses.MISSING, "") and default != value:
+            spec += f"; default {_show(default)}"
+        lines += _wrap(f"{prefix}{key} = {_show(value)}    [{spec}]", 2, 6)
+        lines += _wrap(f.metadata.get("help", ""), 6)
+    return lines
+
+
+def _show(value: Any) -> str:
+    """A value as it would be typed in the YAML or as an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.strip() == value and value[0] not in "[{'\"" else repr(value)
+    if isinstance(value, dict | list):  # one line, in YAML's flow style
+        return yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Nested dataclasses (e.g. in a mapping-valued key) as plain dicts YAML can write."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _doc(cls: type) -> str:
+    """A class's own docstring; dataclass makes one up from the signature when it has none."""
+    doc = (cls.__doc__ or "").strip()
+    return "" if doc.startswith(f"{cls.__name__}(") else " ".join(doc.split())
+
+
+def _wrap(text: str, indent: int, subsequent: int | None = None) -> list[str]:
+    return textwrap.wrap(text, HELP_WIDTH, initial_indent=" " * indent,
+                         subsequent_indent=" " * (indent if subsequent is None else subsequent),
+                         break_on_hyphens=False, break_long_words=False) or []

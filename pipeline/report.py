@@ -2,7 +2,8 @@
 
 It reads only what the stages write into `runs/<profile>/<stage>/` — summary.json, log_history.jsonl (the
 Trainer's log rows, renamed with `tracking.rewrite_logs` so the names match W&B and summary.json) and
-samples.jsonl — so it works offline, without W&B, on whichever stages have finished. Plots are chosen by
+samples.jsonl — so it works offline, without W&B, on whichever stages have finished. The page opens with a
+headline: per stage the one or two numbers that matter (`HEADLINE`), also printed by the command. Plots are chosen by
 metric name, not by stage code: a stage that logs `train/loss` gets a loss curve, one that logs
 `eval/pairwise_acc` an accuracy plot, one that logs `ppo/kl` and `ppo/score` the reward/KL plots, and every
 stage with samples.jsonl a column in the side-by-side table of completions.
@@ -97,6 +98,57 @@ SCATTERS = (
             "proxy score (reward model)", "gold score",
             "Reward hacking shows as the proxy rising while the gold score stalls or falls."),
 )
+
+
+@dataclass(frozen=True)
+class Number:
+    """One headline number of a stage: `label init → final` (or `label final` without an `_init` value)."""
+
+    label: str
+    key: str
+    digits: int = 3
+    at: tuple[str, str] | None = None  # (label, key) of the divergence the number was reached at
+
+
+# The one or two numbers per stage a reader wants before any table, from its summary.json; the first key of a
+# stage that exists wins where two are alternatives (pretrain without held-out data has only its train loss).
+HEADLINE: dict[str, tuple[tuple[Number, ...], ...]] = {
+    "pretrain": ((Number("held-out loss", "eval/loss"), Number("train loss", "train/loss")),
+                 (Number("perplexity", "eval/perplexity", digits=2),)),
+    "sft": ((Number("held-out loss", "eval/loss"), Number("train loss", "train/loss")),
+            (Number("held-out gold", "eval/gold_score"),)),
+    "rm": ((Number("held-out accuracy", "eval/pairwise_acc"),),
+           (Number("gold agreement", "eval/gold_agreement"),)),
+    "ppo": ((Number("held-out gold", "eval/gold_score", at=("KL", "eval/kl")),),
+            (Number("reward-model score", "eval/score", at=("KL", "eval/kl")),)),
+}
+STAGE_LABELS = {"pretrain": "Pretrain", "sft": "SFT", "rm": "RM", "ppo": "PPO"}
+
+
+def headline(stages: Sequence[StageLogs]) -> list[str]:
+    """`PPO: held-out gold 0.720 → 0.795 at KL 1.07; ...`, one line per finished stage that has its numbers.
+
+    A metric that is missing or not finite is left out, never shown as nan; a stage with none is left out.
+    """
+    lines = []
+    for stage in stages:
+        parts = []
+        for alternatives in HEADLINE.get(stage.name, ()):
+            number = next((n for n in alternatives if _finite(stage.metrics.get(n.key))), None)
+            if number is not None:
+                # "at KL" once per line: PPO's numbers were all measured on the same samples.
+                parts.append(_headline_number(stage.metrics, number, with_at=not parts))
+        if parts:
+            lines.append(f"{STAGE_LABELS.get(stage.name, stage.name)}: {'; '.join(parts)}")
+    return lines
+
+
+def _headline_number(metrics: dict[str, Any], n: Number, with_at: bool) -> str:
+    final, init = metrics[n.key], metrics.get(f"{n.key}_init")
+    text = f"{n.label} {init:.{n.digits}f} → {final:.{n.digits}f}" if _finite(init) else f"{n.label} {final:.{n.digits}f}"
+    if with_at and n.at is not None and _finite(metrics.get(n.at[1])):
+        text += f" at {n.at[0]} {metrics[n.at[1]]:.2f}"
+    return text
 
 
 def load_stages(run_dir: Path) -> list[StageLogs]:
@@ -254,10 +306,12 @@ def render_html(cfg: Config, stages: Sequence[StageLogs], figures: Sequence[Figu
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-family:monospace}"
         "figure{display:inline-block;margin:0.5em;max-width:48%}figure img{max-width:100%}"
-        "figcaption{font-size:13px;color:#555}code{background:#f3f3f3;padding:0 3px}</style></head><body>",
+        "figcaption{font-size:13px;color:#555}code{background:#f3f3f3;padding:0 3px}"
+        "ul.headline{font-size:17px;line-height:1.6}</style></head><body>",
         f"<h1>Pipeline report: profile <code>{_e(cfg.profile)}</code></h1>",
         f"<p>Run directory <code>{_e(str(run_dir))}</code>, pipeline run <code>{_e(run_id)}</code> (the W&amp;B group); "
         f"generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by <code>python -m pipeline report</code>.</p>",
+        *_headline_html(stages),
         "<h2>Stages</h2>", _stages_table(stages),
         "<h2>Final metrics</h2>",
         "<p>From each stage's summary.json. <code>*_init</code> is the stage's starting model, measured the same way "
@@ -274,6 +328,16 @@ def render_html(cfg: Config, stages: Sequence[StageLogs], figures: Sequence[Figu
         parts += ["<h2>Completions of held-out prompts</h2>", _samples_table(with_samples)]
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _headline_html(stages: Sequence[StageLogs]) -> list[str]:
+    lines = headline(stages)
+    if not lines:
+        return []
+    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
+    return ["<h2>Headline</h2>", f"<ul class='headline'>{items}</ul>",
+            "<p><small><code>a → b</code>: the stage's starting model, then its output, on the same held-out data; "
+            "KL is the PPO policy's divergence from the SFT policy (nats per completion).</small></p>"]
 
 
 def _stages_table(stages: Sequence[StageLogs]) -> str:

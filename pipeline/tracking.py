@@ -10,6 +10,17 @@ Every stage logs, on the main process only:
 The runs of one pipeline share a W&B `group` (the pipeline run id, kept in `<run_dir>/pipeline_run_id` so every
 stage of one `make` chain finds it) and each has `job_type` = its stage. W&B files go to `<run_dir>/wandb/`.
 
+The standard W&B environment variables win over the profile and these defaults when set (`wandb_init_kwargs`):
+that is how sweeps, cluster job scripts and a user's shell redirect runs without editing a profile.
+  WANDB_DIR        files go to $WANDB_DIR/wandb/ instead of <run_dir>/wandb/
+  WANDB_PROJECT    instead of tracking.project;   WANDB_ENTITY  instead of tracking.entity
+  WANDB_RUN_GROUP  instead of the pipeline run id; WANDB_NAME    instead of `<profile>-<stage>`
+  WANDB_TAGS       comma-separated, added to the tags `<profile>`, `<stage>`
+  WANDB_MODE       online | offline | disabled (below)
+`job_type` stays the stage (WANDB_JOB_TYPE is not used: the report and the W&B filters rely on it). Variables
+the pipeline does not set itself (WANDB_API_KEY, WANDB_BASE_URL, WANDB_NOTES, WANDB_RUN_ID, ...) reach wandb
+untouched.
+
 Modes: `WANDB_MODE=disabled` (or `tracking.wandb: false`) turns W&B off; `WANDB_MODE=offline` logs locally;
 with WANDB_MODE unset it logs online when a login is configured (WANDB_API_KEY or `wandb login`'s netrc
 entry) and otherwise offline, saying once how to upload the run later (`wandb sync <dir>`). It never
@@ -33,7 +44,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -168,18 +179,17 @@ def finish(final_dir: Path | None = None, exit_code: int = 0) -> None:
                     _log_model(run, current, final_dir, metrics)
         finally:
             offline = run.settings.mode == "offline"
-            sync_dir = run.settings.sync_dir
+            sync_dir, wandb_dir = run.settings.sync_dir, Path(run.settings.wandb_dir)
             run.finish(exit_code=exit_code)
         if offline:
-            _sync_hint(current.cfg, current.stage, sync_dir)
+            _sync_hint(current.cfg, current.stage, sync_dir, wandb_dir)
     if current.tb_writer is not None:
         current.tb_writer.close()
 
 
-def _sync_hint(cfg: Config, stage: str, sync_dir: str) -> None:
+def _sync_hint(cfg: Config, stage: str, sync_dir: str, wandb_dir: Path) -> None:
     """Say how to upload offline runs once per pipeline run, not once per stage: `make sft rm ppo` is
     three processes, and one `wandb sync` with a glob uploads every stage's run, later ones included."""
-    wandb_dir = Path(cfg.run_dir) / "wandb"
     marker = wandb_dir / f".sync-hint-{pipeline_run_id(cfg)}"
     if marker.exists():
         log.info("%s: W&B run saved offline in %s", stage, sync_dir)
@@ -276,25 +286,44 @@ def wandb_mode(cfg: Config) -> str | None:
     return "online" if wandb.login(prompt=False, verify=False) else "no-login"
 
 
+def wandb_init_kwargs(cfg: Config, stage: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """project, entity, group, job_type, name, tags and dir of `stage`'s W&B run.
+
+    A standard W&B variable that is set (and not blank) wins over the profile's `tracking.*` key and the
+    pipeline's default; see the module docstring. wandb itself would let our explicit arguments win over its
+    variables, so the precedence is resolved here.
+    """
+    environ = os.environ if environ is None else environ
+
+    def var(name: str) -> str | None:
+        return (environ.get(name) or "").strip() or None
+
+    extra_tags = [t.strip() for t in (var("WANDB_TAGS") or "").split(",") if t.strip()]
+    return {
+        "project": var("WANDB_PROJECT") or cfg.tracking.project,
+        "entity": var("WANDB_ENTITY") or cfg.tracking.entity,
+        "group": var("WANDB_RUN_GROUP") or pipeline_run_id(cfg),
+        "job_type": stage,
+        "name": var("WANDB_NAME") or f"{cfg.profile}-{stage}",
+        "tags": list(dict.fromkeys([cfg.profile, stage, *extra_tags])),
+        "dir": var("WANDB_DIR") or str(cfg.run_dir),
+    }
+
+
 def _init_wandb(cfg: Config, stage: str, step_key: str) -> Any:
     mode = wandb_mode(cfg)
     if mode is None:
         return None
     import wandb
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = wandb_init_kwargs(cfg, stage)
+    # wandb falls back to a temporary directory, with only a warning, when `dir` does not exist.
+    Path(kwargs["dir"]).expanduser().mkdir(parents=True, exist_ok=True)
     offline = mode != "online"
     try:
         run = wandb.init(
-            project=cfg.tracking.project,
-            entity=cfg.tracking.entity,
-            group=os.environ.get("WANDB_RUN_GROUP") or pipeline_run_id(cfg),
-            job_type=stage,
-            name=f"{cfg.profile}-{stage}",
-            tags=[cfg.profile, stage],
+            **kwargs,
             config=to_dict(cfg),
-            dir=str(run_dir),
             mode="offline" if offline else "online",
             # Offline, wandb's own footer repeats the sync hint that finish() gives; keep it to one.
             settings=wandb.Settings(quiet=offline),

@@ -46,6 +46,7 @@ def test_unknown_key_fails_and_suggests_the_closest(tmp_path: Path) -> None:
         ("sft.lr_scheduler=exp", r"'sft\.lr_scheduler' must be one of 'cosine'"),
         ("sft.batch_size=0", r"'sft\.batch_size' must be >= 1, got 0"),
         ("pretrain.warmup_ratio=0.9", r"'pretrain\.warmup_ratio' must be <= 0\.5"),
+        ("model.tiny.dropout=1.0", r"'model\.tiny\.dropout' must be < 1, got 1\.0"),
         ("model.tiny.n_head=3", r"model\.tiny\.n_embd \(128\) must be divisible by model\.tiny\.n_head \(3\)"),
         ("sft=3", r"'sft': expected a mapping|sft: expected a mapping"),
         ("sft.lr.x=1", r"override 'sft\.lr\.x': 'sft\.lr' is not a section"),

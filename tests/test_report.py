@@ -93,6 +93,42 @@ def test_report_draws_rm_and_ppo_plots_when_their_logs_exist(tmp_path: Path) -> 
     assert stages["ppo"].series("ppo/kl")[0] == list(range(1, 11))  # the NaN step dropped
 
 
+def test_report_opens_with_a_headline_of_each_stages_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "runs"
+    # pretrain without held-out data (its train loss stands in); an RM whose gold agreement is NaN; PPO on the toy
+    # task with its starting policy's values as *_init.
+    write_stage(run_dir, "pretrain", {"train/loss": 2.4567, "train/global_step": 20}, [])
+    write_stage(run_dir, "sft", {"eval/loss": 0.814, "eval/loss_init": 5.236, "eval/gold_score": 0.74,
+                                 "eval/gold_score_init": 0.007}, [])
+    write_stage(run_dir, "rm", {"eval/pairwise_acc": 0.9154, "eval/pairwise_acc_init": 0.572,
+                                "eval/gold_agreement": math.nan}, [])
+    write_stage(run_dir, "ppo", {"eval/gold_score": 0.795, "eval/gold_score_init": 0.72, "eval/kl": 1.0712,
+                                 "eval/score": 0.004, "eval/score_init": -0.554, "ppo/kl": 2.0}, [])
+    page = write_report(report_config(run_dir)).read_text()
+    expected = ["Pretrain: train loss 2.457",
+                "SFT: held-out loss 5.236 → 0.814; held-out gold 0.007 → 0.740",
+                "RM: held-out accuracy 0.572 → 0.915",
+                "PPO: held-out gold 0.720 → 0.795 at KL 1.07; reward-model score -0.554 → 0.004"]
+    assert page.count("<li>") == 4 and all(f"<li>{line}</li>" in page for line in expected)
+    assert page.index("<h2>Headline</h2>") < page.index("<h2>Stages</h2>") < page.index("<h2>Final metrics</h2>")
+    headline_html = page[page.index("<h2>Headline</h2>"):page.index("<h2>Stages</h2>")]
+    assert "nan" not in headline_html.lower() and "gold agreement" not in headline_html and "perplexity" not in headline_html
+    # The command prints the same lines under the report's path.
+    assert main(["report", "--config", "configs/tiny.yaml", f"run_dir={run_dir}"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == [f"  {line}" for line in expected]
+    # Real data without a gold reward: PPO's reward-model score carries the KL; held-out pretrain data gives both numbers.
+    for stage in ("pretrain", "ppo"):
+        for f in (run_dir / stage).iterdir():
+            f.unlink()
+        (run_dir / stage).rmdir()
+    write_stage(run_dir, "pretrain", {"train/loss": 2.5, "eval/loss": 2.1, "eval/perplexity": 8.166}, [])
+    write_stage(run_dir, "ppo", {"eval/score": 0.5, "eval/kl": 3.0}, [])
+    page = write_report(report_config(run_dir)).read_text()
+    assert "<li>Pretrain: held-out loss 2.100; perplexity 8.17</li>" in page
+    assert "<li>PPO: reward-model score 0.500 at KL 3.00</li>" in page
+
+
 def test_report_of_pretrain_and_sft_only_has_no_rm_or_ppo_plots(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs"
     synthetic_run(run_dir, with_later_stages=True)

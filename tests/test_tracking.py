@@ -216,6 +216,42 @@ def test_wandb_mode_follows_config_and_environment(
         tracking.wandb_mode(make_config())
 
 
+def test_wandb_variables_win_over_the_profile_and_defaults(make_config: Callable[..., Config]) -> None:
+    cfg = make_config("tracking.project=from-profile", "tracking.entity=team-a")
+    default = tracking.wandb_init_kwargs(cfg, "rm", environ={})
+    run_id = (Path(cfg.run_dir) / "pipeline_run_id").read_text().strip()
+    assert default == {"project": "from-profile", "entity": "team-a", "group": run_id, "job_type": "rm",
+                       "name": "tiny-rm", "tags": ["tiny", "rm"], "dir": cfg.run_dir}
+    environ = {"WANDB_DIR": "/scratch/me", "WANDB_PROJECT": "sweeps", "WANDB_ENTITY": "team-b",
+               "WANDB_RUN_GROUP": "exp-7", "WANDB_NAME": "my-rm", "WANDB_TAGS": "lr-sweep, rm ,baseline"}
+    assert tracking.wandb_init_kwargs(cfg, "rm", environ=environ) == {
+        "project": "sweeps", "entity": "team-b", "group": "exp-7", "job_type": "rm", "name": "my-rm",
+        "tags": ["tiny", "rm", "lr-sweep", "baseline"], "dir": "/scratch/me"}
+    # Set but blank (`WANDB_DIR= make ...`) counts as unset.
+    blank = tracking.wandb_init_kwargs(cfg, "rm", environ={"WANDB_DIR": " ", "WANDB_PROJECT": ""})
+    assert blank["dir"] == cfg.run_dir and blank["project"] == "from-profile"
+
+
+def test_offline_run_goes_under_wandb_dir_when_it_is_set(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    wandb_dir = tmp_path / "scratch" / "wb"  # not there yet: the pipeline creates it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    cfg = make_config()
+    assert tracking.start(cfg, "sft")
+    tracking.log_metrics({"eval/loss": 1.5}, step=2)
+    with caplog.at_level("INFO", logger="pipeline.tracking"):
+        tracking.finish()
+    run = wandb_run(wandb_dir, "sft")
+    assert run["run"].project == "from-env"
+    assert series(run["history"], "eval/loss") == {2: 1.5}
+    assert not (Path(cfg.run_dir) / "wandb").exists()
+    assert f"wandb sync {wandb_dir / 'wandb'}/offline-run-*" in caplog.text
+
+
 def test_tensorboard_without_the_package_is_one_clear_error(
     make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
