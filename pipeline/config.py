@@ -198,6 +198,11 @@ class RMConfig(TrainConfig):
         16, help="Held-out prompts whose completions, ranks and rewards go to scores.jsonl (and the tracker).",
         ge=0,
     )
+    policy_samples: str | None = _f(
+        None, help="A finished policy stage directory (e.g. the last round's ppo output) whose held-out samples "
+        "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
+        "samples of rm.init are always checked (eval/gold_agreement_sft_samples).",
+    )
 
 
 @dataclass(kw_only=True)

@@ -127,8 +127,10 @@ def test_a_pad_token_equal_to_eos_is_replaced_for_the_reward_model(small_data: d
 def test_rm_output_loads_as_a_scalar_sequence_classifier_and_its_reward_is_normalized(
     make_config: Callable[..., Config], sft_dir: Path
 ) -> None:
-    cfg = make_config(f"rm.init={sft_dir}", "rm.eval_steps=3")
+    # rm.policy_samples names a policy whose held-out samples the RM is checked on (here the SFT policy again)
+    cfg = make_config(f"rm.init={sft_dir}", "rm.eval_steps=3", f"rm.policy_samples={sft_dir}")
     metrics = rm.run(cfg)
+    assert metrics["eval/gold_agreement_policy_samples"] == metrics["eval/gold_agreement_sft_samples"]
     out = cfg.stage_dir("rm")
     summary = json.loads((out / "summary.json").read_text())
     for key in ("eval/pairwise_acc", "eval/rank1_acc", "eval/rank1_chance", "eval/gold_agreement", "eval/loss",
@@ -222,6 +224,8 @@ def test_rm_bad_input_and_missing_sft_fail_with_one_clear_message(
         rm.run(make_config(run_dir=tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"'rm\.max_length' \(512\) exceeds the model's context"):
         rm.run(make_config(f"rm.init={sft_dir}", "rm.max_length=512"))
+    with pytest.raises(ConfigError, match=r"rm\.policy_samples: .* has no samples\.jsonl"):
+        rm.run(make_config(f"rm.init={sft_dir}", f"rm.policy_samples={tmp_path}"))
     assert main(["rm", "--config", "configs/tiny.yaml", f"run_dir={tmp_path / 'cli'}", f"rm.data.train={tied}"]) == 2
     assert "tied.jsonl, row 2" in capsys.readouterr().err
 

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -70,6 +71,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     demo_source = r.normalize_data or cfg.sft.data.eval
     demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
     demos = load_demonstrations(demo_source, demo_skip) if demo_source else None
+    if r.policy_samples and not (Path(r.policy_samples) / "samples.jsonl").is_file():
+        raise ConfigError(f"rm.policy_samples: {r.policy_samples} has no samples.jsonl (a finished sft or ppo "
+                          "stage directory has one)")
 
     # 2. Starting model: the SFT causal LM; transformers swaps its LM head for a fresh scalar head.
     init = r.init or str(cfg.stage_dir("sft"))
@@ -144,9 +148,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
             trainer.log(dict(final))
         metrics.update({k.replace("eval_", "eval/"): v for k, v in final.items()})
         table = trainer.score_table(rewards[: r.num_table_prompts])
-    samples_agreement = _sft_samples_agreement(cfg, trainer, gold, r)
-    if samples_agreement is not None:
-        metrics["eval/gold_agreement_sft_samples"] = samples_agreement
+    for name, policy_dir in (("sft", init), ("policy", r.policy_samples)):
+        agreement = _samples_agreement(Path(policy_dir), trainer, gold, r) if policy_dir else None
+        if agreement is not None:
+            metrics[f"eval/gold_agreement_{name}_samples"] = agreement
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             normalization=normalization)
@@ -438,13 +443,14 @@ def _mean_reward(trainer: RankingTrainer, examples: list[Ranking]) -> float:
     return sum(r[0] for r in rewards) / len(rewards)
 
 
-def _sft_samples_agreement(cfg: Config, trainer: RankingTrainer, gold: GoldFn | None, r: RMConfig) -> float | None:
-    """Gold agreement on what the policy will actually produce: the SFT stage's sampled completions.
+def _samples_agreement(policy_dir: Path, trainer: RankingTrainer, gold: GoldFn | None, r: RMConfig) -> float | None:
+    """Gold agreement on what a policy actually produces: a policy stage's held-out samples (samples.jsonl).
 
     The held-out rankings were written by hand (or by the tiny task's generator); PPO optimizes against
-    the RM on the SFT policy's own samples, where it matters most that the RM orders them like the gold.
+    the RM on the policy's own samples, where it matters most that the RM orders them like the gold: the
+    SFT policy's before PPO, and in a later RLHF round the last PPO policy's, which drifted away from both.
     """
-    path = cfg.stage_dir("sft") / "samples.jsonl"
+    path = policy_dir / "samples.jsonl"
     if gold is None or not path.is_file():
         return None
     if json.loads((path.parent / "summary.json").read_text()).get("conversational"):
