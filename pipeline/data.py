@@ -648,8 +648,9 @@ def _check_row(ctx: _Context, origin: str, n: int, raw: Any, first: tuple[str, s
         message = e.message
         if e.field is None or (e.message == "missing" and _FIELD_PATH.match(e.field) and "[" not in e.field):
             message += _shape_hint(ctx, raw)
-        elif e.field.startswith("messages[") and e.field.endswith(".role") and ctx.name:
-            message += f"; name its role in datasets.{ctx.name}.roles, e.g. {{bot: assistant}}"
+        elif ctx.name and (m := re.fullmatch(r"messages\[(\d+)\]\.role", e.field)) and "must be one of" in message:
+            role = ctx.columns.apply(raw)["messages"][int(m[1])]["role"]
+            message += f"; say which it is in datasets.{ctx.name}.roles, e.g. {{{role}: assistant}}"
         raise DataError(f"{origin}, row {n}{field}: {message}") from None
     if first is not None and fmt != first[0]:
         field = "messages" if "messages" in row else next(iter(row))
