@@ -563,7 +563,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The profile merged over the YAML files its `include:` list names (relative to the profile's folder).
+    """The profile merged over the YAML files its `include:` list names (relative to the current directory,
+    like every other path in a profile, so a copied profile still finds them).
 
     Mappings merge key by key and the profile's own values win, so a profile can include the shipped
     registry (configs/datasets/hub.yaml) and still override one entry's split.
@@ -577,9 +578,9 @@ def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: 'include' must be a list of YAML files, got {includes!r}")
     merged: dict[str, Any] = {}
     for name in includes:
-        part_path = path.parent / name
+        part_path = Path(name).expanduser()
         if not part_path.is_file():
-            raise ConfigError(f"{path}: include '{name}': no such file {part_path}")
+            raise ConfigError(f"{path}: include '{name}': no such file (paths are relative to the current directory)")
         try:
             part = yaml.safe_load(part_path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -11,6 +11,10 @@ Every data key (`pretrain.data.train`, `sft.data.eval`, ...) takes a *source*:
 - a hub data set `owner/name` or `owner/name:split` (default split `train`), read with
   `datasets.load_dataset(name, split=split)`.
 
+- the name of an entry of the profile's data registry (`datasets:` in the profile, config.DatasetConfig):
+  its path or hub id (with split, subset, data_dir), its kind, and a column map applied to every row
+  before the row is checked (see "Column maps" below).
+
 Columns a kind does not use are ignored, so hub data sets with extra columns load as they are.
 Every row is checked before any training starts; the first bad row stops the run with one message that
 names the file, the row (1-based; in `.jsonl` and `.txt` files the line number, in a `.csv` the data row
@@ -36,7 +40,9 @@ error. Unreadable files stay errors either way.
 **rankings** (reward model), all normalized to `prompt: str, completions: list[str], ranks: list[int]`:
 - ranked: `{"prompt": "...", "completions": ["...", ...], "ranks": [2, 1, ...]}`: K >= 2 non-empty
   completions and one rank per completion; rank 1 is the best, equal ranks are ties (no comparison
-  between them), and a row where every completion is tied is an error. Each pair of differently ranked
+  between them), and a row where every completion is tied is an error. Instead of `ranks`, `scores`
+  (one number per completion, higher is better; numeric strings are read as numbers) become dense
+  ranks: [7.5, 9, 7.5, 2] -> [2, 1, 2, 3], equal scores tie. Each pair of differently ranked
   completions is one comparison for the reward model (InstructGPT's K-choose-2 pairs).
 - pairwise (TRL preference format): `{"prompt": "...", "chosen": "...", "rejected": "..."}`, read as
   completions `[chosen, rejected]` with ranks `[1, 2]`.
@@ -49,6 +55,22 @@ error. Unreadable files stay errors either way.
 **prompts** (PPO): `{"prompt": "..."}` (non-empty), or `{"messages": [...]}` whose last turn is not an
 assistant turn (the policy writes the next assistant turn). Rows of the other kinds load as prompts too:
 only `prompt` (or `messages`) is read.
+
+## Column maps
+
+A registry entry's `columns` (foreign name -> ours) turn a foreign row into one of the formats above:
+- a rename: `{question: prompt, answer: completion}`, `{response_j: chosen, response_k: rejected}`;
+  columns the map does not name keep their names;
+- a join: several columns mapped to `prompt`, `completion` or `text` are joined in the map's order, a blank
+  line apart, empty values left out (Alpaca: `{instruction: prompt, input: prompt, output: completion}`);
+- a nested value: `a.b` is key `b` inside column `a`, taken from every element when `a` is a list
+  (UltraFeedback: `{completions.response: completions, completions.overall_score: scores}`);
+- turn keys: a column mapped to `role` or `content` renames that key inside every turn of `messages`
+  (ShareGPT: `{conversations: messages, from: role, value: content}`); the roles `human` and `gpt` become
+  `user` and `assistant`, and the entry's `roles` name others.
+Errors then name the foreign field: `completions[2].overall_score`, `conversations[1].from`. A row that
+matches no format (with or without a map) gets the columns found and, when common names suggest one that
+reads the row, the map to write in the registry (`guess_columns`).
 """
 
 from __future__ import annotations

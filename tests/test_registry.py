@@ -315,10 +315,11 @@ def test_registry_config_is_strict(overrides: list[str], error: str) -> None:
 
 def test_include_must_exist_and_profile_wins(tmp_path: Path) -> None:
     profile = tmp_path / "p.yaml"
-    profile.write_text(TINY.read_text().replace("include: [datasets/hub.yaml]", "include: [extra.yaml]"))
-    with pytest.raises(ConfigError, match=r"include 'extra\.yaml': no such file"):
+    extra = tmp_path / "extra.yaml"
+    profile.write_text(TINY.read_text().replace("include: [configs/datasets/hub.yaml]", f"include: [{extra}]"))
+    with pytest.raises(ConfigError, match=re.escape(f"include '{extra}': no such file")):
         load_config(profile)
-    (tmp_path / "extra.yaml").write_text(
+    extra.write_text(
         "datasets:\n  q: {path: a.jsonl, kind: prompts}\nsft: {lr: 0.5}\n"
     )
     profile.write_text(profile.read_text() + "datasets:\n  q: {path: b.jsonl}\n")
