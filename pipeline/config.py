@@ -489,8 +489,10 @@ def data_sources(cfg: Config, stage: str) -> list[DataSource]:
     return [DataSource(key, value, kind, cfg.datasets.get(value)) for key, value, kind in keys if value]
 
 
-def _defaulted(key: str, value: str | None, default_key: str, default: str | None, kind: str) -> tuple[str, str | None,
-                                                                                                        str]:
+def _defaulted(
+    key: str, value: str | None, default_key: str, default: str | None, kind: str
+) -> tuple[str, str | None, str]:
+    """A data key whose null means another key's source: labelled with both."""
     return (key, value, kind) if value else (f"{key} (null: {default_key})", default, kind)
 
 

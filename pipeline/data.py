@@ -524,6 +524,7 @@ _GUESSES: dict[str, tuple[str, ...]] = {
     "ranks": ("ranks", "ranking", "rank"),
     "scores": ("scores", "ratings", "rewards"),
 }
+_OUR_FIELDS = set(_GUESSES)
 _GUESS_ITEM_TEXT = ("response", "text", "completion", "output", "content", "answer")
 _GUESS_ITEM_SCORE = ("overall_score", "score", "rating", "reward")
 _GUESS_TURN = {"role": ("role", "from", "speaker", "author"), "content": ("content", "value", "text", "message")}
@@ -693,6 +694,8 @@ def _shape_hint(ctx: _Context, raw: Row) -> str:
         except _FieldError:
             guess = {}
     if not guess:
+        if not set(raw) - _OUR_FIELDS:  # our own names, only a field short: nothing to map
+            return hint
         where = f"datasets.{ctx.name}.columns" if ctx.name else "a registry entry's columns (datasets: in the profile)"
         return hint + f"; map the file's columns to these in {where}"
     if ctx.name:

@@ -313,6 +313,13 @@ def test_registry_config_is_strict(overrides: list[str], error: str) -> None:
         load_config(TINY, overrides)
 
 
+def test_cli_names_a_bad_registry_reference_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sft", "sft.data.train=alpacca"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 'sft.data.train': 'alpacca' is neither a data set of the registry (did you mean "
+                          "'alpaca'?") and "Traceback" not in err
+
+
 def test_include_must_exist_and_profile_wins(tmp_path: Path) -> None:
     profile = tmp_path / "p.yaml"
     extra = tmp_path / "extra.yaml"
