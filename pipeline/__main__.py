@@ -22,7 +22,18 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import STAGES, Config, ConfigError, describe, load_config, stage_help, stage_key, to_dict
+from pipeline.config import (
+    STAGES,
+    Config,
+    ConfigError,
+    data_sources,
+    describe,
+    describe_sources,
+    load_config,
+    stage_help,
+    stage_key,
+    to_dict,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print("# data sources (registry names resolved):")  # a comment: the output stays a loadable profile
+        for line in describe_sources(cfg):
+            print(f"#   {line}")
         return 0
     if args.command == "stamp":
         write_stamps(cfg)
@@ -133,15 +147,9 @@ def write_stamps(cfg: Config) -> None:
 
 
 def _data_sources(cfg: Config, stage: str) -> list[str]:
-    section = getattr(cfg, stage)
-    sources = [section.data.train, section.data.eval]
-    if stage == "pretrain" and cfg.model.name_or_path is None and cfg.tokenizer.name_or_path is None:
-        sources.append(cfg.tokenizer.train_data)  # the tiny tokenizer is trained on it
-    if stage == "rm":
-        sources.append(cfg.rm.normalize_data or cfg.sft.data.eval)  # the reward is normalized on it
-    if stage == "ppo":  # the ptx term's corpus and the held-out corpus of its evaluation
-        sources += [cfg.ppo.ptx_data or cfg.pretrain.data.train, cfg.ppo.ptx_eval_data or cfg.pretrain.data.eval]
-    return [s for s in sources if s]
+    """The local files and folders `stage` reads (registry names resolved to their paths; hub data has none).
+    The registry entries themselves are in the stage's key (config.stage_key)."""
+    return [path for s in data_sources(cfg, stage) if (path := s.local_path)]
 
 
 def _fingerprints(sources: list[str]) -> dict[str, list[int]]:

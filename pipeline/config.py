@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import textwrap
 import types
 import typing
@@ -49,6 +50,90 @@ class DataConfig:
     skip_invalid: bool = _f(
         False, help="Drop rows that fail validation (logging how many and why) instead of stopping at the first."
     )
+
+
+KINDS = ("corpus", "demonstrations", "rankings", "prompts")
+
+# The fields a registry entry's `columns` may map foreign columns to, per kind (pipeline/data.py reads them).
+# `role` and `content` rename the keys inside each turn of `messages`.
+COLUMN_TARGETS: dict[str, tuple[str, ...]] = {
+    "corpus": ("text",),
+    "demonstrations": ("prompt", "completion", "messages", "role", "content"),
+    "rankings": ("prompt", "completions", "ranks", "scores", "chosen", "rejected"),
+    "prompts": ("prompt", "messages", "role", "content"),
+}
+# Targets several foreign columns may feed: their non-empty values are joined with a blank line, in order.
+JOINABLE_TARGETS = ("prompt", "completion", "text")
+ROLE_NAMES = ("system", "user", "assistant")
+# A registry name: no "/" or ".", so it can never be mistaken for a file name or a hub id owner/name.
+DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """One named data set of the registry (`datasets:`): where it is, what kind it is, how its columns map."""
+
+    kind: Literal["corpus", "demonstrations", "rankings", "prompts"] = _f(
+        help="What the rows are: corpus (pretrain, ptx), demonstrations (sft, rm normalization), rankings (rm) "
+        "or prompts (ppo). A stage data key may only name an entry of the kind it reads."
+    )
+    path: str | None = _f(None, help="A local .jsonl/.json/.parquet/.csv/.txt file or folder (exclusive with hub).")
+    hub: str | None = _f(None, help="A hub data set id owner/name, read with datasets.load_dataset (exclusive with "
+                         "path).")
+    split: str | None = _f(None, help="Hub split; null = train.")
+    subset: str | None = _f(None, help="Hub configuration name (load_dataset's `name`); null = the default.")
+    data_dir: str | None = _f(None, help="Folder inside the hub repository (load_dataset's data_dir), e.g. "
+                              "hh-rlhf's harmless-base.")
+    columns: dict[str, str] = _f(
+        factory=dict, help="Foreign column -> our field, e.g. {question: prompt, answer: completion}; `a.b` reads b "
+        "inside column a (in each element when a is a list); role/content rename the keys of each turn; several "
+        "columns mapped to prompt, completion or text are joined with a blank line.",
+    )
+    roles: dict[str, str] = _f(
+        factory=dict, help="Foreign turn roles -> system/user/assistant, added to ShareGPT's human->user, "
+        "gpt->assistant.",
+    )
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a local file or folder) and 'hub' (owner/name)")
+        if self.path is not None:
+            given = [k for k in ("split", "subset", "data_dir") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"'{given[0]}' is for hub data sets; a local 'path' is read whole")
+        if self.hub is not None and not _HUB_NAME.fullmatch(self.hub):
+            raise ValueError(f"'hub' must be a hub data set id owner/name, got {self.hub!r}")
+        targets = COLUMN_TARGETS[self.kind]
+        fed: dict[str, list[str]] = {}
+        for foreign, ours in self.columns.items():
+            if ours not in targets:
+                close = difflib.get_close_matches(ours, targets, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(
+                    f"columns.{foreign}: '{ours}' is not a field of {self.kind}; {hint}({self.kind} fields: "
+                    f"{', '.join(targets)})"
+                )
+            fed.setdefault(ours, []).append(foreign)
+        for ours, foreign in fed.items():
+            if len(foreign) > 1 and ours not in JOINABLE_TARGETS:
+                raise ValueError(
+                    f"columns: {', '.join(foreign)} all map to '{ours}'; only {', '.join(JOINABLE_TARGETS)} "
+                    "can be joined from several columns"
+                )
+        if self.roles and "messages" not in targets:
+            raise ValueError(f"'roles' renames the roles of messages; {self.kind} have no messages")
+        for foreign, ours in self.roles.items():
+            if ours not in ROLE_NAMES:
+                raise ValueError(f"roles.{foreign}: must be one of {', '.join(ROLE_NAMES)}, got {ours!r}")
+
+    @property
+    def location(self) -> str:
+        """Where the rows are: the local path, or `owner/name` with its split (and subset, data_dir)."""
+        if self.path is not None:
+            return self.path
+        extra = "".join(f", {k}={getattr(self, k)}" for k in ("subset", "data_dir") if getattr(self, k))
+        return f"{self.hub}:{self.split or 'train'}" + (f" ({extra[2:]})" if extra else "")
 
 
 @dataclass(kw_only=True)
@@ -332,10 +417,22 @@ class Config:
     model: ModelConfig = _f(factory=ModelConfig, help="Base model.")
     tokenizer: TokenizerConfig = _f(factory=TokenizerConfig, help="Tokenizer.")
     tracking: TrackingConfig = _f(factory=TrackingConfig, help="Experiment tracking.")
+    datasets: dict[str, DatasetConfig] = _f(
+        factory=dict, help="The data registry: named data sets (path or hub id, kind, column map) that the data keys "
+        "of the stages may name instead of a path.",
+    )
     pretrain: PretrainConfig = _f(help="Stage 1: continued pretraining.")
     sft: SFTConfig = _f(help="Stage 2: supervised fine-tuning.")
     rm: RMConfig = _f(help="Stage 3: reward model.")
     ppo: PPOConfig = _f(help="Stage 4: PPO-ptx against the reward model.")
+
+    def __post_init__(self) -> None:
+        for name in self.datasets:
+            if not DATASET_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"datasets.{name}: a data set name may hold letters, digits, '_' and '-' only (no '/' or '.', "
+                    "which would read as a file name or a hub id)"
+                )
 
     def stage_dir(self, stage: str) -> Path:
         """The finished output directory of `stage` for this profile."""
@@ -358,19 +455,119 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # modeling): `python -m pipeline <stage> --help` lists these keys too. Whole sections or single dotted keys;
 # tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
 STAGE_READS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking"),
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking"),
+    "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets"),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
-    "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "sft.data.eval", "sft.data.skip_invalid"),
+    "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "sft.data.eval",
+           "sft.data.skip_invalid"),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
-    "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "pretrain.data.train", "pretrain.data.eval"),
+    "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
+            "pretrain.data.eval"),
 }
 
 
 def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
-    """The part of the resolved config that determines `stage`'s output."""
+    """The part of the resolved config that determines `stage`'s output.
+
+    With the registry entries its data keys name: editing one rebuilds (and forbids resuming) the stages that
+    read it, and no other.
+    """
     d = to_dict(cfg)
-    return {k: d[k] for k in (*STAGE_INPUTS[stage], stage)}
+    key = {k: d[k] for k in (*STAGE_INPUTS[stage], stage)}
+    used = sorted({s.value for s in data_sources(cfg, stage) if s.entry is not None})
+    if used:
+        key["datasets"] = {name: d["datasets"][name] for name in used}
+    return key
+
+
+# --------------------------------------------------------------------------------------------- data keys
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data key of a stage, resolved: its value, the kind of rows it must hold, and its registry entry."""
+
+    key: str  # dotted key, with the key it defaults to: "rm.normalize_data (null: sft.data.eval)"
+    value: str
+    kind: str
+    entry: DatasetConfig | None  # the registry entry `value` names, or None for a path or hub id
+
+    @property
+    def location(self) -> str:
+        return self.entry.location if self.entry is not None else self.value
+
+    @property
+    def local_path(self) -> str | None:
+        """The local file or folder behind the source (what `make` fingerprints); None for hub data."""
+        if self.entry is not None:
+            return self.entry.path
+        return self.value
+
+
+def data_sources(cfg: Config, stage: str) -> list[DataSource]:
+    """Every data source `stage` reads, defaults filled in, registry names resolved."""
+    keys: list[tuple[str, str | None, str]] = []
+    section = getattr(cfg, stage)
+    own_kind = {"pretrain": "corpus", "sft": "demonstrations", "rm": "rankings", "ppo": "prompts"}[stage]
+    keys += [(f"{stage}.data.train", section.data.train, own_kind), (f"{stage}.data.eval", section.data.eval, own_kind)]
+    if stage == "pretrain" and cfg.model.name_or_path is None and cfg.tokenizer.name_or_path is None:
+        keys.append(("tokenizer.train_data", cfg.tokenizer.train_data, "corpus"))  # the tiny tokenizer's corpus
+    if stage == "rm":  # the reward is normalized on held-out demonstrations
+        keys.append(_defaulted("rm.normalize_data", cfg.rm.normalize_data, "sft.data.eval", cfg.sft.data.eval,
+                               "demonstrations"))
+    if stage == "ppo":  # the ptx term's corpus and the held-out corpus of its evaluation
+        keys.append(_defaulted("ppo.ptx_data", cfg.ppo.ptx_data, "pretrain.data.train", cfg.pretrain.data.train,
+                               "corpus"))
+        keys.append(_defaulted("ppo.ptx_eval_data", cfg.ppo.ptx_eval_data, "pretrain.data.eval",
+                               cfg.pretrain.data.eval, "corpus"))
+    return [DataSource(key, value, kind, cfg.datasets.get(value)) for key, value, kind in keys if value]
+
+
+def _defaulted(
+    key: str, value: str | None, default_key: str, default: str | None, kind: str
+) -> tuple[str, str | None, str]:
+    """A data key whose null means another key's source: labelled with both."""
+    return (key, value, kind) if value else (f"{key} (null: {default_key})", default, kind)
+
+
+def check_data_keys(cfg: Config) -> None:
+    """Every data key that names a registry entry names one of the kind it reads; a bare name that is neither an
+    entry nor an existing file or folder is an error now, not when the stage reaches it."""
+    checked = [s for stage in STAGES for s in data_sources(cfg, stage)]
+    checked.append(DataSource("tokenizer.train_data", cfg.tokenizer.train_data, "corpus",
+                              cfg.datasets.get(cfg.tokenizer.train_data)))
+    for s in checked:
+        key = s.key.split(" ")[0]
+        if s.entry is not None:
+            if s.entry.kind != s.kind:
+                raise ConfigError(
+                    f"'{key}' names data set '{s.value}' (datasets.{s.value}.kind: {s.entry.kind}), but "
+                    f"{key.split('.')[0]} reads {s.kind} there"
+                )
+        elif DATASET_NAME.fullmatch(s.value) and not Path(s.value).exists():
+            names = sorted(cfg.datasets)
+            close = difflib.get_close_matches(s.value, names, n=1, cutoff=0.5)
+            known = f"did you mean '{close[0]}'? " if close else ""
+            listed = f"the registry has {', '.join(names)}" if names else "the profile has no `datasets:` registry"
+            raise ConfigError(
+                f"'{key}': '{s.value}' is neither a data set of the registry ({known}{listed}) nor an existing file "
+                "or folder"
+            )
+
+
+def describe_sources(cfg: Config) -> list[str]:
+    """One line per data source of every stage, registry names resolved (for `python -m pipeline config`)."""
+    lines = []
+    for stage in STAGES:
+        for s in data_sources(cfg, stage):
+            where = f"{s.value} = {s.location}" if s.entry is not None else s.value
+            what = s.kind
+            if s.entry is not None and s.entry.columns:
+                what += "; columns " + ", ".join(f"{a} -> {b}" for a, b in s.entry.columns.items())
+            if s.entry is not None and s.entry.roles:
+                what += "; roles " + ", ".join(f"{a} -> {b}" for a, b in s.entry.roles.items())
+            lines.append(f"{s.key:<44} {where}  [{what}]")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -387,6 +584,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    raw = _with_includes(raw, path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -396,7 +594,48 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = build(Config, raw)
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.profile}"
+    check_data_keys(cfg)
     return cfg
+
+
+def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The profile merged over the YAML files its `include:` list names (relative to the current directory,
+    like every other path in a profile, so a copied profile still finds them).
+
+    Mappings merge key by key and the profile's own values win, so a profile can include the shipped
+    registry (configs/datasets/hub.yaml) and still override one entry's split.
+    """
+    includes = raw.pop("include", None)
+    if includes is None:
+        return raw
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: 'include' must be a list of YAML files, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        part_path = Path(name).expanduser()
+        if not part_path.is_file():
+            raise ConfigError(f"{path}: include '{name}': no such file (paths are relative to the current directory)")
+        try:
+            part = yaml.safe_load(part_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{part_path}: not valid YAML: {e}") from None
+        if not isinstance(part, dict):
+            raise ConfigError(f"{part_path}: the top level must be a mapping of config keys")
+        if "include" in part:
+            raise ConfigError(f"{part_path}: an included file cannot include others")
+        _merge(merged, part)
+    _merge(merged, raw)
+    return merged
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -473,6 +712,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"'{key}' must be a list, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(key_tp, k, key): _coerce(value_tp, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, prefix=f"{key}.")
     if tp is bool:
@@ -541,6 +785,9 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}."))
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            rows.append((f"{prefix}{f.name}", "mapping", f.metadata.get("help", "")))
+            rows.extend(describe(typing.get_args(tp)[1], f"{prefix}{f.name}.<name>."))
         else:
             rows.append((f"{prefix}{f.name}", _type_name(tp), f.metadata.get("help", "")))
     return rows
@@ -555,6 +802,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -646,6 +895,8 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return value if value and value.strip() == value and value[0] not in "[{'\"" else repr(value)
+    if isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+        return "{" + ", ".join(value) + "}"  # the registry: its names (`python -m pipeline config` shows each)
     if isinstance(value, dict | list):  # one line, in YAML's flow style
         return yaml.safe_dump(_plain(value), default_flow_style=True, width=10**6).strip()
     return str(value)

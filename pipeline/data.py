@@ -11,6 +11,10 @@ Every data key (`pretrain.data.train`, `sft.data.eval`, ...) takes a *source*:
 - a hub data set `owner/name` or `owner/name:split` (default split `train`), read with
   `datasets.load_dataset(name, split=split)`.
 
+- the name of an entry of the profile's data registry (`datasets:` in the profile, config.DatasetConfig):
+  its path or hub id (with split, subset, data_dir), its kind, and a column map applied to every row
+  before the row is checked (see "Column maps" below).
+
 Columns a kind does not use are ignored, so hub data sets with extra columns load as they are.
 Every row is checked before any training starts; the first bad row stops the run with one message that
 names the file, the row (1-based; in `.jsonl` and `.txt` files the line number, in a `.csv` the data row
@@ -36,7 +40,9 @@ error. Unreadable files stay errors either way.
 **rankings** (reward model), all normalized to `prompt: str, completions: list[str], ranks: list[int]`:
 - ranked: `{"prompt": "...", "completions": ["...", ...], "ranks": [2, 1, ...]}`: K >= 2 non-empty
   completions and one rank per completion; rank 1 is the best, equal ranks are ties (no comparison
-  between them), and a row where every completion is tied is an error. Each pair of differently ranked
+  between them), and a row where every completion is tied is an error. Instead of `ranks`, `scores`
+  (one number per completion, higher is better; numeric strings are read as numbers) become dense
+  ranks: [7.5, 9, 7.5, 2] -> [2, 1, 2, 3], equal scores tie. Each pair of differently ranked
   completions is one comparison for the reward model (InstructGPT's K-choose-2 pairs).
 - pairwise (TRL preference format): `{"prompt": "...", "chosen": "...", "rejected": "..."}`, read as
   completions `[chosen, rejected]` with ranks `[1, 2]`.
@@ -49,6 +55,22 @@ error. Unreadable files stay errors either way.
 **prompts** (PPO): `{"prompt": "..."}` (non-empty), or `{"messages": [...]}` whose last turn is not an
 assistant turn (the policy writes the next assistant turn). Rows of the other kinds load as prompts too:
 only `prompt` (or `messages`) is read.
+
+## Column maps
+
+A registry entry's `columns` (foreign name -> ours) turn a foreign row into one of the formats above:
+- a rename: `{question: prompt, answer: completion}`, `{response_j: chosen, response_k: rejected}`;
+  columns the map does not name keep their names;
+- a join: several columns mapped to `prompt`, `completion` or `text` are joined in the map's order, a blank
+  line apart, empty values left out (Alpaca: `{instruction: prompt, input: prompt, output: completion}`);
+- a nested value: `a.b` is key `b` inside column `a`, taken from every element when `a` is a list
+  (UltraFeedback: `{completions.response: completions, completions.overall_score: scores}`);
+- turn keys: a column mapped to `role` or `content` renames that key inside every turn of `messages`
+  (ShareGPT: `{conversations: messages, from: role, value: content}`); the roles `human` and `gpt` become
+  `user` and `assistant`, and the entry's `roles` name others.
+Errors then name the foreign field: `completions[2].overall_score`, `conversations[1].from`. A row that
+matches no format (with or without a map) gets the columns found and, when common names suggest one that
+reads the row, the map to write in the registry (`guess_columns`).
 """
 
 from __future__ import annotations
@@ -58,12 +80,15 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import datasets
 import pyarrow.parquet as pq
+
+from pipeline.config import DatasetConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,7 +101,7 @@ Row = dict[str, Any]
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
-_CSV_JSON_FIELDS = ("messages", "completions", "ranks")
+_CSV_JSON_FIELDS = ("messages", "completions", "ranks", "scores")
 _HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<split>[^:]+))?$")
 
 
@@ -128,11 +153,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
         yield from _json_lines(path, text)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[str, int, Any]]:
+def _read_csv(path: Path, json_fields: tuple[str, ...]) -> Iterator[tuple[str, int, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         for i, row in enumerate(csv.DictReader(f), 1):
             row = {k: v for k, v in row.items() if k is not None and v is not None}
-            for key in _CSV_JSON_FIELDS:
+            for key in json_fields:
                 if isinstance(row.get(key), str) and row[key].strip():
                     try:
                         row[key] = json.loads(row[key])
@@ -143,11 +168,11 @@ def _read_csv(path: Path) -> Iterator[tuple[str, int, Any]]:
             yield str(path), i, row
 
 
-def _read_file(path: Path, kind: Kind) -> Iterator[tuple[str, int, Any]]:
+def _read_file(path: Path, kind: Kind, json_fields: tuple[str, ...]) -> Iterator[tuple[str, int, Any]]:
     if path.suffix in (".jsonl", ".json"):
         yield from _read_json(path)
     elif path.suffix == ".csv":
-        yield from _read_csv(path)
+        yield from _read_csv(path, json_fields)
     elif path.suffix == ".parquet":
         try:
             rows = pq.read_table(path).to_pylist()
@@ -165,9 +190,12 @@ def _read_file(path: Path, kind: Kind) -> Iterator[tuple[str, int, Any]]:
         raise DataError(f"{path}: unsupported file type '{path.suffix}' (use one of {', '.join(SUFFIXES)})")
 
 
-def _read_hub(source: str, name: str, split: str) -> Iterator[tuple[str, int, Any]]:
+def _read_hub(
+    source: str, name: str, split: str, subset: str | None = None, data_dir: str | None = None
+) -> Iterator[tuple[str, int, Any]]:
     try:
-        ds = datasets.load_dataset(name, split=split)
+        options = {k: v for k, v in (("name", subset), ("data_dir", data_dir)) if v is not None}
+        ds = datasets.load_dataset(name, split=split, **options)
     except Exception as e:
         raise DataError(f"{source}: file not found, and loading it as a hub data set failed: {e}") from e
     n = 0
@@ -178,7 +206,18 @@ def _read_hub(source: str, name: str, split: str) -> Iterator[tuple[str, int, An
             yield source, n, dict(zip(columns, values, strict=True))
 
 
-def _records(source: str, kind: Kind) -> Iterator[tuple[str, int, Any]]:
+def _records(
+    source: str, kind: Kind, entry: DatasetConfig | None = None, name: str = ""
+) -> Iterator[tuple[str, int, Any]]:
+    json_fields = _CSV_JSON_FIELDS
+    if entry is not None:
+        # In a CSV, the foreign columns that feed list-valued fields hold JSON too.
+        lists = ("messages", "completions", "ranks", "scores")
+        json_fields += tuple(src.split(".")[0] for src, ours in entry.columns.items() if ours in lists)
+        if entry.hub is not None:
+            yield from _read_hub(entry.location, entry.hub, entry.split or "train", entry.subset, entry.data_dir)
+            return
+        source = entry.path or source
     path = Path(source).expanduser()
     if path.is_dir():
         usable = SUFFIXES if kind == "corpus" else SUFFIXES[:-1]
@@ -186,9 +225,11 @@ def _records(source: str, kind: Kind) -> Iterator[tuple[str, int, Any]]:
         if not files:
             raise DataError(f"{source}: folder has no {' / '.join(usable)} files")
         for file in files:
-            yield from _read_file(file, kind)
+            yield from _read_file(file, kind, json_fields)
     elif path.is_file():
-        yield from _read_file(path, kind)
+        yield from _read_file(path, kind, json_fields)
+    elif entry is not None:
+        raise DataError(f"{source}: file not found (datasets.{name}.path)")
     elif (m := _HUB_ID.match(source)) and not source.endswith(SUFFIXES):
         yield from _read_hub(source, m["name"], m["split"] or "train")
     else:
@@ -258,7 +299,7 @@ def _demonstration(row: Row) -> tuple[str, Row]:
     if _present(row, "prompt") or _present(row, "completion"):
         prompt = _string(row, "prompt", nonempty=False)
         return "prompt-completion", {"prompt": prompt, "completion": _string(row, "completion")}
-    raise _FieldError(None, f"expected 'prompt' and 'completion', or 'messages'; found {_fields(row)}")
+    raise _FieldError(None, "expected 'prompt' and 'completion', or 'messages' (SFT demonstrations)")
 
 
 def _prompt(row: Row) -> tuple[str, Row]:
@@ -271,11 +312,11 @@ def _prompt(row: Row) -> tuple[str, Row]:
         return "conversational (messages)", {"messages": turns}
     if _present(row, "prompt"):
         return "prompt", {"prompt": _string(row, "prompt")}
-    raise _FieldError(None, f"expected 'prompt' or 'messages'; found {_fields(row)}")
+    raise _FieldError(None, "expected 'prompt' or 'messages' (PPO prompts)")
 
 
 def _ranking(row: Row) -> tuple[str, Row]:
-    if _present(row, "completions") or _present(row, "ranks"):
+    if _present(row, "completions") or _present(row, "ranks") or _present(row, "scores"):
         return "ranked", _ranked(row)
     if _present(row, "prompt") and (_present(row, "chosen") or _present(row, "rejected")):
         prompt = _string(row, "prompt", nonempty=False)
@@ -285,8 +326,8 @@ def _ranking(row: Row) -> tuple[str, Row]:
     else:
         raise _FieldError(
             None,
-            "expected 'prompt', 'completions' and 'ranks'; or 'prompt', 'chosen' and 'rejected'; "
-            f"or hh-rlhf 'chosen' and 'rejected' dialogues; found {_fields(row)}",
+            "expected 'prompt', 'completions' and 'ranks' (or 'scores'); or 'prompt', 'chosen' and 'rejected'; "
+            "or hh-rlhf 'chosen' and 'rejected' dialogues (reward-model rankings)",
         )
     if chosen == rejected:
         raise _FieldError("rejected", "is identical to 'chosen': no comparison")
@@ -305,21 +346,47 @@ def _ranked(row: Row) -> Row:
             raise _FieldError(f"completions[{i}]", f"must be a string, got {_type(c)}")
         if not c.strip():
             raise _FieldError(f"completions[{i}]", "is empty")
-    if not isinstance(ranks, list):
-        raise _FieldError("ranks", f"must be a list of integers, got {_type(ranks)}")
-    if len(ranks) != len(completions):
-        raise _FieldError("ranks", f"has {len(ranks)} entries but 'completions' has {len(completions)}")
-    for i, r in enumerate(ranks):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise _FieldError(f"ranks[{i}]", f"must be an integer >= 1 (1 = best), got {r!r}")
+    if _present(row, "scores"):
+        if _present(row, "ranks"):
+            raise _FieldError("scores", "give 'ranks' or 'scores', not both")
+        name, ranks = "scores", _ranks_from_scores(row["scores"], len(completions))
+    else:
+        name = "ranks"
+        if not isinstance(ranks, list):
+            raise _FieldError("ranks", f"must be a list of integers, got {_type(ranks)}")
+        if len(ranks) != len(completions):
+            raise _FieldError("ranks", f"has {len(ranks)} entries but 'completions' has {len(completions)}")
+        for i, r in enumerate(ranks):
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise _FieldError(f"ranks[{i}]", f"must be an integer >= 1 (1 = best), got {r!r}")
     if len(set(ranks)) == 1:
-        raise _FieldError("ranks", "all completions tied: no comparison")
+        raise _FieldError(name, "all completions tied: no comparison")
     first: dict[str, int] = {}
     for i, c in enumerate(completions):
         j = first.setdefault(c, i)
         if ranks[j] != ranks[i]:
             raise _FieldError(f"completions[{i}]", f"is identical to completions[{j}] but ranked differently")
     return {"prompt": prompt, "completions": list(completions), "ranks": list(ranks)}
+
+
+def _ranks_from_scores(scores: Any, n: int) -> list[int]:
+    """Dense ranks from scores, higher is better: [7.5, 9, 7.5, 2] -> [2, 1, 2, 3]; equal scores tie."""
+    if not isinstance(scores, list):
+        raise _FieldError("scores", f"must be a list of numbers, got {_type(scores)}")
+    if len(scores) != n:
+        raise _FieldError("scores", f"has {len(scores)} entries but 'completions' has {n}")
+    values = []
+    for i, v in enumerate(scores):
+        if isinstance(v, str):  # UltraFeedback's fine-grained ratings are strings such as "4" (or "N/A")
+            try:
+                v = float(v)
+            except ValueError:
+                raise _FieldError(f"scores[{i}]", f"must be a number, got {v!r}") from None
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+            raise _FieldError(f"scores[{i}]", f"must be a number, got {v!r}")
+        values.append(float(v))
+    order = sorted(set(values), reverse=True)
+    return [order.index(v) + 1 for v in values]
 
 
 def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -347,6 +414,187 @@ def _fields(row: Row) -> str:
     return ", ".join(f"'{k}'" for k in keys) if keys else "no fields"
 
 
+# ----------------------------------------------------------------------------------------------------
+# Column maps: a registry entry's `columns` turn a foreign row into one of ours before it is checked, and
+# the checks' field names are turned back into the foreign ones for the error message.
+
+# ShareGPT's role names; a registry entry's `roles` adds to them.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+_TURN_KEYS = ("role", "content")
+_ABSENT = object()
+_FIELD_PATH = re.compile(r"^(?P<top>[^\[.]+)(?P<index>\[\d+\])?(?:\.(?P<sub>.+))?$")
+
+
+class ColumnMap:
+    """A registry entry's `columns` and `roles`, compiled (an empty map leaves rows as they are)."""
+
+    def __init__(self, columns: dict[str, str], roles: dict[str, str] | None = None) -> None:
+        self.columns = dict(columns)
+        self.fields: dict[str, list[str]] = {}  # our row-level field -> the foreign columns (paths) feeding it
+        self.turn_keys: dict[str, str] = {}  # foreign key inside a turn -> role / content
+        for foreign, ours in columns.items():
+            if ours in _TURN_KEYS:
+                self.turn_keys[foreign] = ours
+            else:
+                self.fields.setdefault(ours, []).append(foreign)
+        self.roles = {**SHAREGPT_ROLES, **(roles or {})} if roles is not None else {}
+
+    def apply(self, raw: Row) -> Row:
+        """The row with foreign columns renamed, nested ones extracted, joined ones joined."""
+        if not self.columns and not self.roles:
+            return raw
+        consumed = {_top(raw, src) for sources in self.fields.values() for src in sources}
+        row = {k: v for k, v in raw.items() if k not in consumed}
+        for ours, sources in self.fields.items():
+            values = [v for v in (_extract(raw, src) for src in sources) if v is not _ABSENT]
+            if not values:
+                row.pop(ours, None)  # absent: the check reports the foreign column missing
+            elif len(sources) == 1 or not all(isinstance(v, str) for v in values):
+                row[ours] = values[0] if len(sources) == 1 else next(v for v in values if not isinstance(v, str))
+            else:  # Alpaca: instruction and input become one prompt, a blank line apart; an empty input drops out
+                row[ours] = "\n\n".join(v for v in values if v.strip())
+        turns = row.get("messages")
+        if isinstance(turns, list) and (self.turn_keys or self.roles):
+            row["messages"] = [self._turn(t) for t in turns]
+        return row
+
+    def _turn(self, turn: Any) -> Any:
+        if not isinstance(turn, dict):
+            return turn
+        out = {self.turn_keys.get(k, k): v for k, v in turn.items()}
+        role = out.get("role")
+        if isinstance(role, str):
+            out["role"] = self.roles.get(role, role)
+        return out
+
+    def foreign(self, field: str, raw: Row) -> str:
+        """Our field path (`messages[2].role`, `scores[1]`) as the foreign one (`conversations[2].from`,
+        `completions[1].overall_score`)."""
+        m = _FIELD_PATH.match(field)
+        if not m:
+            return field
+        top, index, sub = m["top"], m["index"] or "", m["sub"]
+        sources = self.fields.get(top)
+        if not sources:
+            name = top + index
+        elif len(sources) > 1:
+            name = " + ".join(sources)
+        else:
+            src = sources[0]
+            head, _, rest = src.partition(".")
+            # `completions.response` feeding completions[i] reads back as completions[i].response
+            name = f"{head}{index}.{rest}" if rest and src not in raw and index else src + index
+        if sub:
+            inverse = {ours: foreign for foreign, ours in self.turn_keys.items()}
+            name += "." + inverse.get(sub, sub)
+        return name
+
+
+def _top(raw: Row, src: str) -> str:
+    return src if src in raw else src.split(".")[0]
+
+
+def _extract(raw: Row, src: str) -> Any:
+    """The value at a foreign column path: `a` or `a.b` (b inside object a, or inside each element of list a)."""
+    if src in raw:
+        return raw[src]
+    head, *rest = src.split(".")
+    if head not in raw:
+        return _ABSENT
+    value = raw[head]
+    for key in rest:
+        if isinstance(value, list):
+            value = [v.get(key) if isinstance(v, dict) else None for v in value]
+        elif isinstance(value, dict):
+            value = value.get(key)
+        else:
+            return None
+    return value
+
+
+# Common foreign names of our fields, most common first: the fix an error message suggests for an unmapped file.
+_GUESSES: dict[str, tuple[str, ...]] = {
+    "text": ("text", "content", "document", "body", "passage", "article"),
+    "prompt": ("prompt", "question", "instruction", "query", "input", "context", "history"),
+    "completion": ("completion", "answer", "response", "output", "target", "reply"),
+    "messages": ("messages", "conversations", "conversation", "dialog", "dialogue", "chat", "turns"),
+    "chosen": ("chosen", "response_j", "preferred", "better", "winner", "accepted", "chosen_response"),
+    "rejected": ("rejected", "response_k", "dispreferred", "worse", "loser", "rejected_response"),
+    "completions": ("completions", "responses", "answers", "candidates", "outputs", "generations"),
+    "ranks": ("ranks", "ranking", "rank"),
+    "scores": ("scores", "ratings", "rewards"),
+}
+_OUR_FIELDS = set(_GUESSES)
+_GUESS_ITEM_TEXT = ("response", "text", "completion", "output", "content", "answer")
+_GUESS_ITEM_SCORE = ("overall_score", "score", "rating", "reward")
+_GUESS_TURN = {"role": ("role", "from", "speaker", "author"), "content": ("content", "value", "text", "message")}
+
+
+def guess_columns(raw: Row, kind: str) -> dict[str, str]:
+    """A column map (foreign -> ours) that the foreign row's names suggest for `kind`; {} when none does."""
+    present = [k for k in raw if raw[k] is not None]
+
+    def first(ours: str) -> str | None:
+        return next((c for c in _GUESSES[ours] if c in present), None)
+
+    out: dict[str, str] = {}
+
+    def add(foreign: str | None, ours: str) -> None:
+        if foreign is not None and foreign != ours:
+            out[foreign] = ours
+
+    def prompt() -> None:
+        p = first("prompt")
+        add(p, "prompt")
+        if p == "instruction" and "input" in present:  # Alpaca: instruction and input together
+            out["instruction"], out["input"] = "prompt", "prompt"
+
+    def conversation(foreign: str) -> None:
+        add(foreign, "messages")
+        turns = raw[foreign]
+        turn = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        for ours, names in _GUESS_TURN.items():
+            add(next((n for n in names if n in turn), None), ours)
+
+    if kind == "corpus":
+        add(first("text"), "text")
+    elif kind in ("demonstrations", "prompts"):
+        if (m := first("messages")) is not None and isinstance(raw[m], list):
+            conversation(m)
+        else:
+            prompt()
+            if kind == "demonstrations":
+                add(first("completion"), "completion")
+    elif kind == "rankings":
+        c = first("completions")
+        if c is not None and isinstance(raw[c], list):
+            prompt()
+            items = raw[c]
+            if items and all(isinstance(i, dict) for i in items):  # UltraFeedback: [{response, overall_score}, ...]
+                text = next((k for k in _GUESS_ITEM_TEXT if k in items[0]), None)
+                score = next((k for k in _GUESS_ITEM_SCORE if k in items[0]), None)
+                if text:
+                    out[f"{c}.{text}"] = "completions"
+                if score:
+                    out[f"{c}.{score}"] = "scores"
+            else:
+                add(c, "completions")
+            if "ranks" not in present and (r := first("ranks")) is not None:
+                add(r, "ranks")
+            elif "ranks" not in present:
+                add(first("scores"), "scores")
+        elif first("chosen") is not None or first("rejected") is not None:
+            if first("prompt") is not None:
+                prompt()
+            add(first("chosen"), "chosen")
+            add(first("rejected"), "rejected")
+    return out
+
+
+def _yaml_map(columns: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in columns.items()) + "}"
+
+
 _CHECKS: dict[str, Callable[[Row], tuple[str, Row]]] = {
     "corpus": _corpus,
     "demonstrations": _demonstration,
@@ -359,20 +607,33 @@ _CHECKS: dict[str, Callable[[Row], tuple[str, Row]]] = {
 # Public API
 
 
-def load(kind: Kind, source: str, skip_invalid: bool = False) -> datasets.Dataset:
+def load(
+    kind: Kind, source: str | DatasetConfig, skip_invalid: bool = False,
+    registry: Mapping[str, DatasetConfig] | None = None,
+) -> datasets.Dataset:
     """Read and validate every row of `source` as `kind`; return the normalized data set.
 
+    `source` is a path or hub id, or the name of an entry of `registry` (the profile's `datasets:`), or an entry
+    itself; an entry's column map is applied to every row before it is checked.
     The first invalid row raises DataError, unless `skip_invalid`: then invalid rows are dropped and counted.
     """
     if kind not in _CHECKS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(_CHECKS)}")
-    check = _CHECKS[kind]
+    name, entry = "", None
+    if isinstance(source, str) and registry and source in registry:
+        name, entry = source, registry[source]
+    elif not isinstance(source, str):
+        name, entry = "<entry>", source
+    if entry is not None and entry.kind != kind:
+        raise DataError(f"data set '{name}' holds {entry.kind} (datasets.{name}.kind), but {kind} are read here")
+    label = entry.location if entry is not None else str(source)
+    ctx = _Context(kind, _CHECKS[kind], ColumnMap(entry.columns, entry.roles) if entry else ColumnMap({}), name)
     rows: list[Row] = []
     skipped: list[str] = []
     first: tuple[str, str, int] | None = None  # (format, origin, row) of the first valid row
-    for origin, n, raw in _records(source, kind):
+    for origin, n, raw in _records(str(source) if entry is None else label, kind, entry, name):
         try:
-            fmt, row = _check_row(check, kind, origin, n, raw, first)
+            fmt, row = _check_row(ctx, origin, n, raw, first)
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -382,25 +643,38 @@ def load(kind: Kind, source: str, skip_invalid: bool = False) -> datasets.Datase
         rows.append(row)
     if skipped:
         log.warning("%s: skipped %d of %d rows that fail validation (skip_invalid is on); the first: %s",
-                    source, len(skipped), len(skipped) + len(rows), " | ".join(skipped[:3]))
+                    label, len(skipped), len(skipped) + len(rows), " | ".join(skipped[:3]))
     if not rows:
         why = f" (all {len(skipped)} rows invalid; the first: {skipped[0]})" if skipped else ""
-        raise DataError(f"{source}: empty: no rows{why}")
+        raise DataError(f"{label}: empty: no rows{why}")
     return datasets.Dataset.from_list(rows)
 
 
-def _check_row(
-    check: Callable[[Row], tuple[str, Row]], kind: str, origin: str, n: int, raw: Any,
-    first: tuple[str, str, int] | None,
-) -> tuple[str, Row]:
-    """One row validated and normalized; DataError names the file, row and field."""
+@dataclass(frozen=True)
+class _Context:
+    """How the rows of one source are checked: the kind, its check, the entry's column map and name."""
+
+    kind: str
+    check: Callable[[Row], tuple[str, Row]]
+    columns: ColumnMap
+    name: str  # the registry entry's name; "" for a plain path or hub id
+
+
+def _check_row(ctx: _Context, origin: str, n: int, raw: Any, first: tuple[str, str, int] | None) -> tuple[str, Row]:
+    """One row mapped, validated and normalized; DataError names the file, row and (foreign) field."""
     if not isinstance(raw, dict):
-        raise DataError(f"{origin}, row {n}: expected an object (one row of {kind}), got {_type(raw)}")
+        raise DataError(f"{origin}, row {n}: expected an object (one row of {ctx.kind}), got {_type(raw)}")
     try:
-        fmt, row = check(raw)
+        fmt, row = ctx.check(ctx.columns.apply(raw))
     except _FieldError as e:
-        field = f", field '{e.field}'" if e.field else ""
-        raise DataError(f"{origin}, row {n}{field}: {e.message}") from None
+        field = f", field '{ctx.columns.foreign(e.field, raw)}'" if e.field else ""
+        message = e.message
+        if e.field is None or (e.message == "missing" and _FIELD_PATH.match(e.field) and "[" not in e.field):
+            message += _shape_hint(ctx, raw)
+        elif ctx.name and (m := re.fullmatch(r"messages\[(\d+)\]\.role", e.field)) and "must be one of" in message:
+            role = ctx.columns.apply(raw)["messages"][int(m[1])]["role"]
+            message += f"; say which it is in datasets.{ctx.name}.roles, e.g. {{{role}: assistant}}"
+        raise DataError(f"{origin}, row {n}{field}: {message}") from None
     if first is not None and fmt != first[0]:
         field = "messages" if "messages" in row else next(iter(row))
         raise DataError(
@@ -410,24 +684,54 @@ def _check_row(
     return fmt, row
 
 
-def load_corpus(source: str, skip_invalid: bool = False) -> datasets.Dataset:
+def _shape_hint(ctx: _Context, raw: Row) -> str:
+    """What a row that has none of the expected fields holds, and the column map that would read it."""
+    hint = f"; found columns {_fields(raw)}"
+    guess = guess_columns(raw, ctx.kind)
+    if guess:
+        try:
+            ctx.check(ColumnMap(guess, {}).apply(raw))
+        except _FieldError:
+            guess = {}
+    if not guess:
+        if not set(raw) - _OUR_FIELDS:  # our own names, only a field short: nothing to map
+            return hint
+        where = f"datasets.{ctx.name}.columns" if ctx.name else "a registry entry's columns (datasets: in the profile)"
+        return hint + f"; map the file's columns to these in {where}"
+    if ctx.name:
+        return hint + f"; map them in the registry: datasets.{ctx.name}.columns: {_yaml_map(guess)}"
+    return hint + (
+        f"; map them in the registry: columns: {_yaml_map(guess)} (declare the file under datasets: in the "
+        "profile with its kind and these columns, and name that entry in the stage's data key)"
+    )
+
+
+def load_corpus(
+    source: str, skip_invalid: bool = False, registry: Mapping[str, DatasetConfig] | None = None
+) -> datasets.Dataset:
     """Pretraining text: column `text`."""
-    return load("corpus", source, skip_invalid)
+    return load("corpus", source, skip_invalid, registry)
 
 
-def load_demonstrations(source: str, skip_invalid: bool = False) -> datasets.Dataset:
+def load_demonstrations(
+    source: str, skip_invalid: bool = False, registry: Mapping[str, DatasetConfig] | None = None
+) -> datasets.Dataset:
     """SFT data: columns `prompt`, `completion`, or column `messages` (the two TRL formats)."""
-    return load("demonstrations", source, skip_invalid)
+    return load("demonstrations", source, skip_invalid, registry)
 
 
-def load_rankings(source: str, skip_invalid: bool = False) -> datasets.Dataset:
+def load_rankings(
+    source: str, skip_invalid: bool = False, registry: Mapping[str, DatasetConfig] | None = None
+) -> datasets.Dataset:
     """Reward-model data: columns `prompt` (str), `completions` (list[str]), `ranks` (list[int], 1 = best)."""
-    return load("rankings", source, skip_invalid)
+    return load("rankings", source, skip_invalid, registry)
 
 
-def load_prompts(source: str, skip_invalid: bool = False) -> datasets.Dataset:
+def load_prompts(
+    source: str, skip_invalid: bool = False, registry: Mapping[str, DatasetConfig] | None = None
+) -> datasets.Dataset:
     """PPO prompts: column `prompt` (str) or column `messages` (ending in a non-assistant turn)."""
-    return load("prompts", source, skip_invalid)
+    return load("prompts", source, skip_invalid, registry)
 
 
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:

@@ -14,6 +14,7 @@ can be trained on assistant turns only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.config import ModelConfig, TokenizerConfig
+from pipeline.config import DatasetConfig, ModelConfig, TokenizerConfig
 from pipeline.data import load_corpus
 from pipeline.distributed import gathered_params
 
@@ -60,9 +61,12 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be found or loaded; the message says what to do."""
 
 
-def build_tiny_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (GPT-2 style) on the corpus named by `tokenizer.train_data`."""
-    corpus = load_corpus(cfg.train_data)
+def build_tiny_tokenizer(
+    cfg: TokenizerConfig, registry: Mapping[str, DatasetConfig] | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on the corpus named by `tokenizer.train_data` (a path, hub
+    id, or registry name)."""
+    corpus = load_corpus(cfg.train_data, registry=registry)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -144,11 +148,13 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def load_base(model_cfg: ModelConfig, tok_cfg: TokenizerConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(
+    model_cfg: ModelConfig, tok_cfg: TokenizerConfig, registry: Mapping[str, DatasetConfig] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The pipeline's starting point: the configured hub/local model, or a fresh tiny GPT-2."""
     if model_cfg.name_or_path is None:
         tokenizer = (
-            load_tokenizer(tok_cfg.name_or_path) if tok_cfg.name_or_path else build_tiny_tokenizer(tok_cfg)
+            load_tokenizer(tok_cfg.name_or_path) if tok_cfg.name_or_path else build_tiny_tokenizer(tok_cfg, registry)
         )
         model = build_tiny_model(model_cfg, tokenizer)
         log.info("built tiny GPT-2: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))

@@ -67,6 +67,9 @@ def test_stage_help_names_every_key_with_its_help_and_profile_value(
         assert line is not None, f"{stage} --help does not name {key}"
         shown = line.split(" = ", 1)[1].split("    [")[0]
         value = value_of(cfg, key)
+        if isinstance(value, dict) and value:  # the data registry: its entries' names
+            assert all(name in flat for name in value), f"{key}: {shown!r} lacks entries of {list(value)}"
+            continue
         expected = {None: "null", True: "true", False: "false"}.get(value, str(value)) \
             if isinstance(value, bool | None) else str(value)
         assert shown in (expected, repr(value)), f"{key}: shows {shown!r}, profile has {value!r}"

@@ -63,6 +63,8 @@ def test_profile_loads_and_every_stage_names_usable_data(path: Path) -> None:
     for key, source in _data_sources(cfg).items():
         if source is None:
             continue
+        if source in cfg.datasets:  # a registry name (its kind is checked when the profile loads): where it points
+            source = cfg.datasets[source].path or cfg.datasets[source].hub or ""
         if (ROOT / source).exists():
             continue
         assert _HUB_ID.match(source) and not source.endswith(_FILE_SUFFIXES), (

@@ -71,12 +71,12 @@ def run(cfg: Config) -> dict[str, Any]:
     is_main = accelerator.is_main_process
 
     # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
-    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid))
-    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid))[: p.eval_prompts] if p.data.eval else []
+    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid, cfg.datasets))
+    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid, cfg.datasets))[: p.eval_prompts] if p.data.eval else []
     ptx_source = p.ptx_data or cfg.pretrain.data.train
     ptx_eval_source = p.ptx_eval_data or cfg.pretrain.data.eval
-    ptx_corpus = load_corpus(ptx_source) if p.ptx_coef > 0 else None
-    ptx_eval_corpus = load_corpus(ptx_eval_source) if ptx_eval_source and p.eval_corpus_blocks else None
+    ptx_corpus = load_corpus(ptx_source, registry=cfg.datasets) if p.ptx_coef > 0 else None
+    ptx_eval_corpus = load_corpus(ptx_eval_source, registry=cfg.datasets) if ptx_eval_source and p.eval_corpus_blocks else None
 
     # 2. Models: policy and reference from SFT, value model from the RM, frozen RM.
     init = p.init or str(cfg.stage_dir("sft"))

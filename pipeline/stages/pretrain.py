@@ -41,11 +41,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is built or a directory written.
-    train_corpus = load_corpus(p.data.train, p.data.skip_invalid)
-    eval_corpus = load_corpus(p.data.eval, p.data.skip_invalid) if p.data.eval else None
+    train_corpus = load_corpus(p.data.train, p.data.skip_invalid, cfg.datasets)
+    eval_corpus = load_corpus(p.data.eval, p.data.skip_invalid, cfg.datasets) if p.data.eval else None
 
     # 2. Base model and tokenizer.
-    model, tokenizer = load_base(cfg.model, cfg.tokenizer)
+    model, tokenizer = load_base(cfg.model, cfg.tokenizer, cfg.datasets)
     max_pos = context_length(model)
     if max_pos and p.block_size > max_pos:
         raise ConfigError(f"'pretrain.block_size' ({p.block_size}) exceeds the model's context ({max_pos})")

@@ -66,11 +66,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is loaded or a directory written.
-    train_rows = load_rankings(r.data.train, r.data.skip_invalid)
-    eval_rows = load_rankings(r.data.eval, r.data.skip_invalid) if r.data.eval else None
+    train_rows = load_rankings(r.data.train, r.data.skip_invalid, cfg.datasets)
+    eval_rows = load_rankings(r.data.eval, r.data.skip_invalid, cfg.datasets) if r.data.eval else None
     demo_source = r.normalize_data or cfg.sft.data.eval
     demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
-    demos = load_demonstrations(demo_source, demo_skip) if demo_source else None
+    demos = load_demonstrations(demo_source, demo_skip, cfg.datasets) if demo_source else None
     if r.policy_samples and not (Path(r.policy_samples) / "samples.jsonl").is_file():
         raise ConfigError(f"rm.policy_samples: {r.policy_samples} has no samples.jsonl (a finished sft or ppo "
                           "stage directory has one)")

@@ -49,8 +49,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is loaded or a directory written.
-    train_ds = load_demonstrations(s.data.train, s.data.skip_invalid)
-    eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid) if s.data.eval else None
+    train_ds = load_demonstrations(s.data.train, s.data.skip_invalid, cfg.datasets)
+    eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid, cfg.datasets) if s.data.eval else None
     conversational = "messages" in train_ds.column_names
     if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
         raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
