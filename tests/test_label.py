@@ -99,7 +99,7 @@ def test_merge_keeps_each_labelers_ranking_and_measures_agreement(tmp_path: Path
 def test_gold_labeler_needs_a_gold_reward(make_config: Callable[..., Config], sft_dir: Path) -> None:
     from pipeline.stages import label
 
-    with pytest.raises(ConfigError, match="label.labeler' is gold but the profile has no gold reward"):
+    with pytest.raises(ConfigError, match=r"label\.labeler' is gold but the profile has no gold reward"):
         label.run(make_config(f"label.policy={sft_dir}", "label.labeler=gold", "gold_reward=null"))
 
 
