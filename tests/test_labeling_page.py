@@ -301,3 +301,16 @@ def test_labeling_in_a_real_browser(
     metrics = rm.run(make_config(f"rm.init={sft_dir}", f"rm.data.train={store.output}", "rm.max_steps=2",
                                  "rm.batch_size=2", run_dir=tmp_path / "runs"))
     assert math.isfinite(metrics["train/loss"]) and (tmp_path / "runs" / "rm" / "summary.json").is_file()
+
+
+def test_serve_refuses_a_stage_built_for_the_gold_labeler(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.__main__ import main
+
+    stage = tmp_path / "runs" / "label"
+    stage.mkdir(parents=True)
+    (stage / "summary.json").write_text(json.dumps({"config": {"label": {"labeler": "gold"}}}))
+    assert main(["label", "--serve", f"run_dir={tmp_path / 'runs'}"]) == 2
+    assert "built with label.labeler=gold" in capsys.readouterr().err
+    (stage / "summary.json").unlink()
+    assert main(["label", "--serve", f"run_dir={tmp_path / 'runs'}"]) == 2  # no to-label file yet
+    assert "build it with `make label" in capsys.readouterr().err
