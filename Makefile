@@ -7,6 +7,7 @@
 #   make sft ARGS="sft.lr=3e-4"          config overrides (a changed value rebuilds the stages it affects)
 #   make sft LAUNCH="accelerate launch --config_file configs/accelerate/ddp.yaml -m"   N GPUs
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/zero3.yaml -m" DeepSpeed ZeRO-3
+#   make label rm ARGS="rm.data.train=runs/tiny/label/rankings.jsonl"   an RM on the policy's own samples
 
 PROFILE ?= tiny
 ARGS ?=
@@ -22,7 +23,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo ptx-ablation summary report env test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo label label-serve ptx-ablation summary report env test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +44,7 @@ pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
 rm: $(RUN)/rm/summary.json              ## stage 3: reward model on ranked completions (builds sft)
 ppo: $(RUN)/ppo/summary.json            ## stage 4: PPO-ptx against the reward model (builds sft and rm)
+label: $(RUN)/label/summary.json        ## rank the policy's samples: to_label.jsonl (+ rankings.jsonl by the gold labeler)
 
 # Per-stage stamps: rewritten only when that stage's part of the resolved config (profile + ARGS) or its
 # data files change, so a new sft.lr rebuilds sft but not pretrain.
@@ -60,6 +62,19 @@ $(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/
 
 $(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
 	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS)
+
+# The label stage samples label.policy: sft (default) or ppo, this profile's stage (built first), or a directory,
+# which is a prerequisite when it exists as make starts (or is another rule's target, e.g. a round's ppo).
+LABEL_POLICY := $(or $(patsubst label.policy=%,%,$(lastword $(filter label.policy=%,$(ARGS)))),sft)
+LABEL_POLICY_DEP := $(if $(filter sft ppo,$(LABEL_POLICY)),$(RUN)/$(LABEL_POLICY)/summary.json,$(wildcard $(LABEL_POLICY)/summary.json))
+$(RUN)/label/summary.json: $(LABEL_POLICY_DEP) $(RUN)/.stamps/label.json pipeline/stages/label.py pipeline/labeling.py
+	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS)
+
+# The labeling page for people (label.labeler=human): http://127.0.0.1:$(PORT)/, appending to
+# runs/<PROFILE>/label/rankings.jsonl. Ctrl-C stops it; every submitted ranking is already on disk.
+PORT ?= 8765
+label-serve: $(RUN)/label/summary.json  ## serve the labeling page for people (ARGS="label.labeler=human", PORT=8765)
+	$(PY) -m pipeline label --serve --port $(PORT) --config $(CONFIG) $(ARGS)
 
 # The ptx ablation: the same PPO run with the pretraining term off (ppo.ptx_coef=0), from the same SFT
 # policy and reward model, same seed; then both runs' final metrics side by side.

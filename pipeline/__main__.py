@@ -55,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
+    lab = parser.add_argument_group("label", "the labeling page and merging labelers' files (command: label)")
+    lab.add_argument("--serve", action="store_true", help="serve the labeling page for the to-label file")
+    lab.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
+    lab.add_argument("--port", type=int, default=8765, help="port to serve on (default 8765)")
+    lab.add_argument("--lease", type=float, default=900.0,
+                     help="seconds an item stays reserved for the labeler it was shown to (default 900)")
+    lab.add_argument("--input", help="to-label file (default: <run_dir>/label/to_label.jsonl)")
+    lab.add_argument("--output", help="rankings file to append to (default: <run_dir>/label/rankings.jsonl)")
+    lab.add_argument("--merge", nargs="+", metavar="FILE", help="merge labelers' rankings files into -o")
+    lab.add_argument("-o", dest="merge_output", metavar="FILE", help="output of --merge")
     args = parser.parse_intermixed_args(argv)
     if args.help and args.command not in STAGES:
         parser.print_help()
@@ -66,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(report(), end="")
         return 0
+    if (args.serve or args.merge) and args.command != "label":
+        parser.error("--serve and --merge go with the label command")
+    if args.merge:
+        return merge(args.merge, args.merge_output)
 
     if args.command == "keys":
         for key, tp, help_ in describe():
@@ -110,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
+    if args.serve:
+        return serve(cfg, args)
+
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
     from pipeline.data import DataError
     from pipeline.modeling import ModelLoadError
@@ -125,6 +142,51 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def serve(cfg: Config, args: argparse.Namespace) -> int:
+    """`label --serve`: the labeling page for the label stage's to-label file (pipeline/labelserver.py)."""
+    from pipeline.data import DataError
+    from pipeline.labelserver import serve as serve_page
+
+    _setup_logging()
+    stage_dir = cfg.stage_dir("label")
+    summary = stage_dir / "summary.json"
+    if args.output is None and summary.is_file():
+        built_for = json.loads(summary.read_text())["config"]["label"]["labeler"]
+        if built_for != "human":
+            print(f"error: {stage_dir} was built with label.labeler={built_for}, and its rankings.jsonl is that "
+                  "labeler's: rebuild it with ARGS=\"label.labeler=human\" (or pass --output FILE)", file=sys.stderr)
+            return 2
+    try:
+        serve_page(Path(args.input) if args.input else stage_dir / "to_label.jsonl",
+                   Path(args.output) if args.output else stage_dir / "rankings.jsonl", args.host, args.port,
+                   args.lease)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def merge(inputs: list[str], output: str | None) -> int:
+    """`label --merge A B -o OUT`: several labelers' rankings files into one (pipeline/labeling.py)."""
+    from pipeline.data import DataError
+    from pipeline.labeling import merge_rankings
+
+    if not output:
+        print("error: --merge needs -o OUT (the merged rankings file)", file=sys.stderr)
+        return 2
+    try:
+        stats = merge_rankings([Path(p) for p in inputs], Path(output))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    agreement = "-" if stats["agreement"] is None else f"{stats['agreement']:.1%}"
+    print(f"{output}: {stats['rows']} rankings of {stats['items']} items by {len(stats['labelers'])} labelers "
+          f"({', '.join(stats['labelers'])}); {stats['repeats_dropped']} repeated rows dropped; "
+          f"{stats['items_ranked_more_than_once']} items ranked more than once, agreeing on {agreement} of "
+          f"{stats['shared_comparisons']} comparisons both made")
     return 0
 
 

@@ -405,6 +405,38 @@ class PPOConfig:
 
 
 @dataclass(kw_only=True)
+class LabelConfig:
+    """Rank the policy's own samples (pipeline/stages/label.py): sample K completions per prompt from a finished
+    policy into a to-label file, then rank them with the gold reward (a simulated labeler) or people (a web page)."""
+
+    policy: str = _f(
+        "sft", help="Policy whose samples are ranked: sft or ppo (this profile's output) or a model directory."
+    )
+    prompts: str | None = _f(None, help="Prompt source (`prompt` or `messages` rows); null = ppo.data.train.")
+    num_prompts: int = _f(256, help="Distinct prompts drawn (shuffled by the seed) from the prompt source.", ge=1)
+    k: int = _f(4, help="Completions sampled per prompt (InstructGPT: 4 to 9); duplicates and empty ones are "
+                "dropped, so a row may show fewer.", ge=2)
+    temperature: float = _f(1.0, help="Sampling temperature.", gt=0)
+    max_new_tokens: int = _f(24, help="Completion budget; a completion without EOS by then is cut (and shown so).",
+                             ge=1)
+    batch_size: int = _f(64, help="Prompts per generation batch (each with its k samples).", ge=1)
+    seed: int | None = _f(None, help="Seed of the prompt draw, the samples and the labeler noise; null = seed.",
+                          ge=0)
+    labeler: Literal["gold", "human"] = _f(
+        "human", help="gold: the gold reward ranks (needs gold_reward) into rankings.jsonl; human: only the "
+        "to-label file is written, people rank it on the page of `python -m pipeline label --serve`.",
+    )
+    noise: float = _f(
+        0.0, help="Gold labeler: expected fraction of its comparisons that disagree with gold (InstructGPT's "
+        "labelers agree ~73%: 0.27); close pairs flip more often than distant ones (Thurstone model, README).",
+        ge=0, le=0.5,
+    )
+    tie_threshold: float = _f(
+        1e-6, help="Gold labeler: sorted gold scores no further apart than this share a rank (chained).", ge=0
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole pipeline profile."""
 
@@ -425,6 +457,7 @@ class Config:
     sft: SFTConfig = _f(help="Stage 2: supervised fine-tuning.")
     rm: RMConfig = _f(help="Stage 3: reward model.")
     ppo: PPOConfig = _f(help="Stage 4: PPO-ptx against the reward model.")
+    label: LabelConfig = _f(factory=LabelConfig, help="Ranking the policy's own samples (gold or people).")
 
     def __post_init__(self) -> None:
         for name in self.datasets:
@@ -439,7 +472,7 @@ class Config:
         return Path(self.run_dir) / stage
 
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "label")
 
 # The top-level keys besides its own section that shape each stage's result. They decide when an
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
@@ -448,6 +481,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "sft": ("seed", "gold_reward"),
     "rm": ("seed", "gold_reward"),
     "ppo": ("seed", "gold_reward"),
+    "label": ("seed", "gold_reward"),
 }
 
 
@@ -463,6 +497,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
     "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
             "pretrain.data.eval"),
+    # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
+    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train"),
 }
 
 
@@ -507,6 +543,9 @@ class DataSource:
 def data_sources(cfg: Config, stage: str) -> list[DataSource]:
     """Every data source `stage` reads, defaults filled in, registry names resolved."""
     keys: list[tuple[str, str | None, str]] = []
+    if stage == "label":  # its prompts; the policy it samples is a make prerequisite, not a data file
+        keys.append(_defaulted("label.prompts", cfg.label.prompts, "ppo.data.train", cfg.ppo.data.train, "prompts"))
+        return [DataSource(key, value, kind, cfg.datasets.get(value)) for key, value, kind in keys if value]
     section = getattr(cfg, stage)
     own_kind = {"pretrain": "corpus", "sft": "demonstrations", "rm": "rankings", "ppo": "prompts"}[stage]
     keys += [(f"{stage}.data.train", section.data.train, own_kind), (f"{stage}.data.eval", section.data.eval, own_kind)]

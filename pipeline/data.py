@@ -734,6 +734,16 @@ def load_prompts(
     return load("prompts", source, skip_invalid, registry)
 
 
+def ranking_problem(row: Row) -> str | None:
+    """Why a ranked row (`prompt`, `completions`, `ranks`) would fail `load_rankings`, as "field 'x': reason",
+    or None: the labeling page checks a submission with the loader's own rules before writing it."""
+    try:
+        _ranked(row)
+    except _FieldError as e:
+        return f"field '{e.field}': {e.message}" if e.field else e.message
+    return None
+
+
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     """Every (winner index, loser index) with ranks[winner] < ranks[loser]; tied completions give no pair."""
     return [(w, lo) for w in range(len(ranks)) for lo in range(len(ranks)) if ranks[w] < ranks[lo]]
