@@ -98,29 +98,35 @@ def run(cfg: Config, stage: str, out: TextIO | None = None) -> None:
 
 def stage_tokenizer(cfg: Config, stage: str) -> tuple[PreTrainedTokenizerBase, str, int | None]:
     """(tokenizer, where it comes from, the model's context length) of `stage`, without loading any weights."""
+    tokenizer, what, context, unbuilt = _find_tokenizer(cfg, stage)
+    if unbuilt:
+        what = f"not built yet: {', '.join(unbuilt)}; so the tokenizer they will carry: {what}"
+    if stage == "rm":
+        distinct_pad_token(tokenizer)  # as `load_reward_model` does: the reward is read at the EOS, EOS cannot pad
+    return tokenizer, what, context
+
+
+def _find_tokenizer(cfg: Config, stage: str) -> tuple[PreTrainedTokenizerBase, str, int | None, list[str]]:
+    """`stage_tokenizer` before the rm pad token, plus the unbuilt stage directories walked past: a stage saves
+    its init's tokenizer, so while the previous stage is not built its own init's tokenizer is the one."""
     if stage == "pretrain":
         tokenizer = load_base_tokenizer(cfg.model, cfg.tokenizer)
         if cfg.model.name_or_path is None:
             what = (f"tokenizer '{cfg.tokenizer.name_or_path}'" if cfg.tokenizer.name_or_path else
                     f"the tiny byte-level BPE, trained in memory on tokenizer.train_data={cfg.tokenizer.train_data} "
                     f"exactly as pretrain trains it (not saved)")
-            return tokenizer, what, cfg.model.tiny.n_positions
+            return tokenizer, what, cfg.model.tiny.n_positions, []
         source = cfg.tokenizer.name_or_path or cfg.model.name_or_path
-        return tokenizer, f"'{source}' (the base model's)", _context(cfg.model.name_or_path, cfg.model.revision)
+        return tokenizer, f"'{source}' (the base model's)", _context(cfg.model.name_or_path, cfg.model.revision), []
     previous = PREVIOUS[stage]
     init = getattr(cfg, stage).init
     path = init or str(cfg.stage_dir(previous))
     if init or (Path(path) / "config.json").is_file():
         _require_finished(path, None)  # an explicit local init must be a finished model, as the stage requires
-        tokenizer = load_tokenizer(path)
         what = f"{path} ({stage}.init)" if init else f"{path} (the finished {previous} stage)"
-        context = _context(path)
-    else:
-        tokenizer, before, context = stage_tokenizer(cfg, previous)
-        what = f"{path} is not built yet, so the one {previous} will save there: {before}"
-    if stage == "rm":
-        distinct_pad_token(tokenizer)  # as `load_reward_model` does: the reward is read at the EOS, EOS cannot pad
-    return tokenizer, what, context
+        return load_tokenizer(path), what, _context(path), []
+    tokenizer, what, context, unbuilt = _find_tokenizer(cfg, previous)
+    return tokenizer, what, context, [path, *unbuilt]
 
 
 def _context(name_or_path: str, revision: str | None = None) -> int | None:
@@ -146,10 +152,10 @@ def _check_fits(value: int, key: str, context: int | None) -> None:
 # ------------------------------------------------------------------------------------------------ formatting
 
 
-def _stats(lengths: Sequence[int]) -> str:
+def _stats(lengths: Sequence[int], unit: str = "row") -> str:
     if not lengths:
         return "none"
-    return (f"{sum(lengths):,} total; per row min {min(lengths)} / mean {statistics.fmean(lengths):.1f} / "
+    return (f"{sum(lengths):,} total; per {unit} min {min(lengths)} / mean {statistics.fmean(lengths):.1f} / "
             f"max {max(lengths)}")
 
 
@@ -211,7 +217,7 @@ def _corpus_report(p: Printer, key: str, source: str, corpus: datasets.Dataset, 
     p()
     p(f"{key}: {source}")
     p(f"  documents: {len(corpus):,}")
-    p(f"  tokens (EOS appended to each document): {_stats(lengths)}")
+    p(f"  tokens (EOS appended to each document): {_stats(lengths, 'document')}")
     p(f"  packed: {len(packed):,} blocks of {block_key}={block_size} tokens; {dropped:,} tokens dropped "
       "(each 1000-document group's remainder shorter than a block; no document is truncated otherwise)")
     return packed
@@ -365,7 +371,7 @@ def _rankings_report(p: Printer, key: str, source: str, rankings: Sequence[rm.Ra
     p(f"  prompts: {len(rankings):,}; completions: {len(lengths):,}; "
       f"K distribution: {', '.join(f'K={k}: {n:,}' for k, n in sorted(ks.items()))}")
     p(f"  comparisons: {pairs:,} (every differently ranked pair; {ties:,} tied pairs give none)")
-    p(f"  tokens per completion sequence (prompt + completion + EOS): {_stats(lengths)}")
+    p(f"  tokens per completion sequence (prompt + completion + EOS): {_stats(lengths, 'sequence')}")
     p(f"  rm.max_length={max_length}: {truncated:,} completions truncated (prompt start kept first, then the "
       "completion's end cut; the EOS always stays), 0 dropped")
 
@@ -392,6 +398,9 @@ def _ppo(cfg: Config, p: Printer) -> None:
     check_gold_covers(gold, train_rows, tokenizer, "ppo.data.train")
     train_prompts = [render_prompt(x, tokenizer)[0] for x in train_rows]
     _prompts_report(p, "ppo.data.train", c.data.train, train_prompts, tokenizer, c.max_prompt_length)
+    sampled = c.iterations * c.rollout_batch_size
+    p(f"  rollouts: ppo.iterations={c.iterations} x ppo.rollout_batch_size={c.rollout_batch_size} = {sampled:,} "
+      f"prompts sampled per process ({sampled / len(train_prompts):.1f} passes over these prompts)")
     if eval_rows:
         eval_prompts = [render_prompt(x, tokenizer)[0] for x in eval_rows]
         _prompts_report(p, "ppo.data.eval", c.data.eval or "", eval_prompts, tokenizer, c.max_prompt_length,
@@ -434,5 +443,5 @@ def _prompts_report(p: Printer, key: str, source: str, prompts: list[str], token
     p()
     p(f"{key}: {source}{note}")
     p(f"  prompts: {len(prompts):,} ({len(set(prompts)):,} distinct)")
-    p(f"  tokens (after the chat template, if any): {_stats(lengths)}")
+    p(f"  tokens (after the chat template, if any): {_stats(lengths, 'prompt')}")
     p(f"  ppo.max_prompt_length={max_prompt_length}: {truncated:,} prompts truncated (their start cut), 0 dropped")
