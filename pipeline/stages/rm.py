@@ -178,7 +178,8 @@ def _fit(prompt: list[int], completion: list[int], eos: int, max_length: int) ->
     completion's end; the EOS always stays, since the reward is read there. Returns (ids, truncated)."""
     kept_completion = completion[: max_length - 1]
     room = max_length - 1 - len(kept_completion)
-    kept_prompt = prompt[len(prompt) - room :] if room > 0 else []
+    # max(0, ...): a negative start would slice from the end and cut a prompt that fits
+    kept_prompt = prompt[max(0, len(prompt) - room) :] if room > 0 else []
     truncated = len(kept_prompt) < len(prompt) or len(kept_completion) < len(completion)
     return kept_prompt + kept_completion + [eos], truncated
 
