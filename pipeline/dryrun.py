@@ -100,7 +100,8 @@ def stage_tokenizer(cfg: Config, stage: str) -> tuple[PreTrainedTokenizerBase, s
     """(tokenizer, where it comes from, the model's context length) of `stage`, without loading any weights."""
     tokenizer, what, context, unbuilt = _find_tokenizer(cfg, stage)
     if unbuilt:
-        what = f"not built yet: {', '.join(unbuilt)}; so the tokenizer they will carry: {what}"
+        also = f", nor {', '.join(unbuilt[1:])}" if len(unbuilt) > 1 else ""
+        what = f"the one {unbuilt[0]} will carry (not built yet{also}): {what}"
     if stage == "rm":
         distinct_pad_token(tokenizer)  # as `load_reward_model` does: the reward is read at the EOS, EOS cannot pad
     return tokenizer, what, context
@@ -371,9 +372,9 @@ def _rankings_report(p: Printer, key: str, source: str, rankings: Sequence[rm.Ra
     p(f"  prompts: {len(rankings):,}; completions: {len(lengths):,}; "
       f"K distribution: {', '.join(f'K={k}: {n:,}' for k, n in sorted(ks.items()))}")
     p(f"  comparisons: {pairs:,} (every differently ranked pair; {ties:,} tied pairs give none)")
-    p(f"  tokens per completion sequence (prompt + completion + EOS): {_stats(lengths, 'sequence')}")
-    p(f"  rm.max_length={max_length}: {truncated:,} completions truncated (prompt start kept first, then the "
-      "completion's end cut; the EOS always stays), 0 dropped")
+    p(f"  tokens per sequence (prompt + completion + EOS, after truncation): {_stats(lengths, 'sequence')}")
+    p(f"  rm.max_length={max_length}: {truncated:,} completions truncated (the prompt's start is cut first, then "
+      "the completion's end; the EOS always stays), 0 dropped")
 
 
 # ------------------------------------------------------------------------------------------------ ppo

@@ -41,7 +41,8 @@ def test_dry_run_each_stage(stage: str, small_data: dict[str, Path], tmp_path: P
     # On a fresh run_dir no stage is built: the tokenizer is the tiny BPE built in memory, and says so.
     assert "the tiny byte-level BPE, trained in memory on tokenizer.train_data=" in out
     if stage != "pretrain":
-        assert f"not built yet: {run_dir / dryrun.PREVIOUS[stage]}" in out
+        unbuilt = f"nor {run_dir / 'pretrain'}" if stage != "sft" else ""
+        assert f"the one {run_dir / dryrun.PREVIOUS[stage]} will carry (not built yet{unbuilt and ', ' + unbuilt})" in out
 
     if stage == "pretrain":
         assert "documents: 1,500" in out and "documents: 100" in out
