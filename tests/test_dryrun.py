@@ -190,3 +190,33 @@ def test_a_finished_previous_stage_gives_the_tokenizer_and_context(make_config, 
                        r"the policy's context \(256\)"):
         _run(make_config("ppo.max_prompt_length=250", "ppo.max_new_tokens=8"), "ppo")
     assert snapshot(built) == before
+
+
+def test_rm_truncation_count_matches_the_tokenizer(make_config) -> None:
+    """rm.max_length=12 cuts some sequences: the count is of prompt + completion + EOS longer than 12 tokens."""
+    cfg = make_config("rm.max_length=12")
+    tokenizer = build_tiny_tokenizer(cfg.tokenizer)
+    rows = [json.loads(line) for line in Path(cfg.rm.data.train).read_text().splitlines()]
+    longer = sum(len(tokenizer(r["prompt"])["input_ids"]) + len(tokenizer(c)["input_ids"]) + 1 > 12
+                 for r in rows for c in r["completions"])
+    assert 0 < longer < 4 * len(rows)
+    out = _run(cfg, "rm")
+    assert f"rm.max_length=12: {longer:,} completions truncated" in out
+    assert "max 12\n" in out.split("rm.data.train:")[1]
+
+
+def test_colour_only_on_a_terminal(make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the masked span is also dim and the trained one green; the [[...]] marks stay."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = Terminal()
+    dryrun.run(make_config(), "sft", out)
+    assert "\033[2m[[count up to four\n    | ]]\033[0m\033[32mone two three four<|endoftext|>\033[0m" in out.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = Terminal()
+    dryrun.run(make_config(), "sft", out)
+    assert "\033[" not in out.getvalue()
