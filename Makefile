@@ -8,6 +8,8 @@
 #   make sft LAUNCH="accelerate launch --config_file configs/accelerate/ddp.yaml -m"   N GPUs
 #   make ppo LAUNCH="accelerate launch --config_file configs/accelerate/zero3.yaml -m" DeepSpeed ZeRO-3
 #   make label rm ARGS="rm.data.train=runs/tiny/label/rankings.jsonl"   an RM on the policy's own samples
+#   make dry-run STAGE=sft               check sft's config and data, show one example as the model sees it
+#   make sft ARGS=--dry-run              the same: with --dry-run in ARGS the stage targets only dry-run
 
 PROFILE ?= tiny
 ARGS ?=
@@ -23,7 +25,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo label label-serve ptx-ablation summary report env test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo label label-serve dry-run ptx-ablation summary report env test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,11 +42,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install torch, DeepSpeed + the pipeline (done automatically by every target)
 
+ifeq ($(filter --dry-run,$(ARGS)),)
 pretrain: $(RUN)/pretrain/summary.json  ## stage 1: continued pretraining on the corpus
 sft: $(RUN)/sft/summary.json            ## stage 2: supervised fine-tuning on demonstrations (builds pretrain)
 rm: $(RUN)/rm/summary.json              ## stage 3: reward model on ranked completions (builds sft)
 ppo: $(RUN)/ppo/summary.json            ## stage 4: PPO-ptx against the reward model (builds sft and rm)
+else
+# ARGS=--dry-run: the stage targets dry-run only the named stage, without building the stages before it and
+# without the config stamps, so nothing is written under runs/.
+pretrain sft rm ppo: $(STAMP)
+	$(PY) -m pipeline $@ --config $(CONFIG) $(ARGS)
+endif
 label: $(RUN)/label/summary.json        ## rank the policy's samples: to_label.jsonl (+ rankings.jsonl by the gold labeler)
+
+# Dry run: validate the config and every data source of STAGE (all four stages by default), print counts and
+# one example exactly as the model sees it; trains nothing, writes nothing under runs/ (no stamps either).
+STAGE ?= pretrain sft rm ppo
+dry-run: $(STAMP)  ## check config + data of STAGE=<stage> (default: all) and show what the model sees; writes nothing
+	@for s in $(STAGE); do $(PY) -m pipeline $$s --dry-run --config $(CONFIG) $(ARGS) || exit $$?; done
 
 # Per-stage stamps: rewritten only when that stage's part of the resolved config (profile + ARGS) or its
 # data files change, so a new sft.lr rebuilds sft but not pretrain.

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                         "report (HTML report with plots of the finished stages, in <run_dir>/report), "
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with a stage: validate the config and every data source, print counts and one example "
+                        "exactly as the model sees it, then exit without training or writing anything")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.lr=1e-4")
     lab = parser.add_argument_group("label", "the labeling page and merging labelers' files (command: label)")
     lab.add_argument("--serve", action="store_true", help="serve the labeling page for the to-label file")
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
+    if args.dry_run and args.command not in STAGES:
+        print(f"error: --dry-run applies to the stages ({', '.join(STAGES)}), not to '{args.command}'", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -133,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging()
     try:
-        stage = importlib.import_module(f"pipeline.stages.{args.command}")
-        stage.run(cfg)
+        if args.dry_run:
+            from pipeline import dryrun
+
+            dryrun.run(cfg, args.command)
+        else:
+            stage = importlib.import_module(f"pipeline.stages.{args.command}")
+            stage.run(cfg)
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

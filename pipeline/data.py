@@ -757,11 +757,25 @@ def pack_corpus(
     The trailing remainder shorter than a block is dropped (as in transformers' run_clm). Labels equal the
     inputs: the model shifts them internally.
     """
+    return pack_tokenized(tokenize_corpus(corpus, tokenizer), block_size, key)
+
+
+def tokenize_corpus(corpus: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """Column `ids`: every document's tokens followed by EOS (the first half of `pack_corpus`)."""
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         return {"ids": [[*x, eos] for x in ids]}
+
+    return corpus.map(tokenize, batched=True, remove_columns=corpus.column_names, desc="Tokenizing corpus")
+
+
+def pack_tokenized(tokenized: datasets.Dataset, block_size: int, key: str = "pretrain.block_size") -> datasets.Dataset:
+    """Concatenate `tokenize_corpus`'s documents and cut them into blocks (the second half of `pack_corpus`).
+
+    Documents are grouped 1000 at a time, so each group's remainder shorter than a block is dropped.
+    """
 
     def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
         flat = list(itertools.chain.from_iterable(batch["ids"]))
@@ -769,7 +783,6 @@ def pack_corpus(
         blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
-    tokenized = corpus.map(tokenize, batched=True, remove_columns=corpus.column_names, desc="Tokenizing corpus")
     packed = tokenized.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc="Packing blocks")
     if len(packed) == 0:
         raise DataError(

@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -131,12 +132,11 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def load_causal_lm(
-    name_or_path: str, dtype: str = "float32", revision: str | None = None, tokenizer_name_or_path: str | None = None
+    name_or_path: str, dtype: str = "float32", revision: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or another."""
-    if tokenizer_name_or_path:
-        tokenizer = load_tokenizer(tokenizer_name_or_path)
-    else:
+    """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or `tokenizer`."""
+    if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
@@ -152,14 +152,24 @@ def load_base(
     model_cfg: ModelConfig, tok_cfg: TokenizerConfig, registry: Mapping[str, DatasetConfig] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The pipeline's starting point: the configured hub/local model, or a fresh tiny GPT-2."""
+    tokenizer = load_base_tokenizer(model_cfg, tok_cfg, registry)
     if model_cfg.name_or_path is None:
-        tokenizer = (
-            load_tokenizer(tok_cfg.name_or_path) if tok_cfg.name_or_path else build_tiny_tokenizer(tok_cfg, registry)
-        )
         model = build_tiny_model(model_cfg, tokenizer)
         log.info("built tiny GPT-2: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
         return model, tokenizer
-    return load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision, tok_cfg.name_or_path)
+    return load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision, tokenizer)
+
+
+def load_base_tokenizer(
+    model_cfg: ModelConfig, tok_cfg: TokenizerConfig, registry: Mapping[str, DatasetConfig] | None = None
+) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer alone (what `load_base` pairs with the model; the dry run uses it alone):
+    `tokenizer.name_or_path`, else the model's own, else the tiny BPE trained in memory on `tokenizer.train_data`."""
+    if tok_cfg.name_or_path:
+        return load_tokenizer(tok_cfg.name_or_path)
+    if model_cfg.name_or_path is None:
+        return build_tiny_tokenizer(tok_cfg, registry)
+    return load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
 
 
 def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -199,13 +209,18 @@ def load_reward_model(
 
 def ensure_distinct_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Give the tokenizer a pad token of its own (adding `<|pad|>` when it pads with EOS) and tell the model."""
+    distinct_pad_token(tokenizer)
+    if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer half of `ensure_distinct_pad`: add `<|pad|>` when the tokenizer pads with EOS."""
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD})
         log.info("added pad token %s (id %d): rewards are read at the EOS, so EOS cannot pad", PAD,
                  tokenizer.pad_token_id)
-    if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def shift_reward(model: PreTrainedModel, shift: float) -> str:
@@ -266,9 +281,11 @@ def token_scores(
     return scores - getattr(model.config, "reward_shift", 0.0)
 
 
-def context_length(model: PreTrainedModel) -> int | None:
-    """How many positions the model can attend over (GPT-2 `n_positions`, most others `max_position_embeddings`)."""
-    config = model.config
+def context_length(model: PreTrainedModel | PretrainedConfig) -> int | None:
+    """How many positions the model can attend over (GPT-2 `n_positions`, most others `max_position_embeddings`).
+
+    Takes a model or only its config (the dry run reads `config.json`, never the weights)."""
+    config = model if isinstance(model, PretrainedConfig) else model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 

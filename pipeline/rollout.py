@@ -149,8 +149,8 @@ def generate_rollout(
     with distributed.gathered_for_generation(models.model, accelerator, models.gather_for_generation) as gathered:
         gathered.eval()
         for k, start in enumerate(range(0, len(prompts), chunk_size)):
-            enc = _encode_prompts(tokenizer, [t for t, _ in prompts[start : start + chunk_size]],
-                                  p.max_prompt_length, device)
+            enc = encode_prompts(tokenizer, [t for t, _ in prompts[start : start + chunk_size]],
+                                 p.max_prompt_length, device)
             torch.manual_seed(seeds[k])  # the sampling noise of this chunk, whatever ran before (resume is exact)
             sequences = gathered.policy.generate(
                 **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
@@ -217,8 +217,9 @@ def generate_rollout(
     )
 
 
-def _encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-                    device: torch.device) -> dict[str, torch.Tensor]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts as `generate` receives them: left-padded, and left-truncated to `max_length` tokens."""
     old_side, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"  # generation appends on the right
     tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, next to the completion

@@ -71,12 +71,7 @@ def run(cfg: Config) -> dict[str, Any]:
     is_main = accelerator.is_main_process
 
     # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
-    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid, cfg.datasets))
-    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid, cfg.datasets))[: p.eval_prompts] if p.data.eval else []
-    ptx_source = p.ptx_data or cfg.pretrain.data.train
-    ptx_eval_source = p.ptx_eval_data or cfg.pretrain.data.eval
-    ptx_corpus = load_corpus(ptx_source, registry=cfg.datasets) if p.ptx_coef > 0 else None
-    ptx_eval_corpus = load_corpus(ptx_eval_source, registry=cfg.datasets) if ptx_eval_source and p.eval_corpus_blocks else None
+    train_rows, eval_rows, ptx_corpus, ptx_eval_corpus = load_data(cfg)
 
     # 2. Models: policy and reference from SFT, value model from the RM, frozen RM.
     init = p.init or str(cfg.stage_dir("sft"))
@@ -97,8 +92,8 @@ def run(cfg: Config) -> dict[str, Any]:
         for m in (policy, ref_policy, reward_model, value_model):
             disable_dropout_in_model(m)
 
-    ptx_blocks = _blocks(ptx_corpus, tokenizer, p.ptx_block_size) if ptx_corpus is not None else None
-    eval_blocks = (_blocks(ptx_eval_corpus, tokenizer, p.ptx_block_size)[: p.eval_corpus_blocks]
+    ptx_blocks = corpus_blocks(ptx_corpus, tokenizer, p.ptx_block_size) if ptx_corpus is not None else None
+    eval_blocks = (corpus_blocks(ptx_eval_corpus, tokenizer, p.ptx_block_size)[: p.eval_corpus_blocks]
                    if ptx_eval_corpus is not None else None)
 
     model = PolicyAndValue(policy, value_model)
@@ -342,8 +337,30 @@ def _iteration_prompts(
     return out
 
 
-def _blocks(corpus: Any, tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
+def corpus_blocks(corpus: Any, tokenizer: PreTrainedTokenizerBase, block_size: int) -> torch.Tensor:
+    """[N, block_size] packed corpus blocks, for the ptx term and the held-out corpus loss."""
     return torch.tensor(pack_corpus(corpus, tokenizer, block_size, key="ppo.ptx_block_size")["input_ids"])
+
+
+def load_data(cfg: Config) -> tuple[list[dict], list[dict], Any, Any]:
+    """The validated prompts (train; held-out, the first `ppo.eval_prompts`) and the corpora of the ptx term
+    and of the held-out corpus loss (None when `ppo.ptx_coef` = 0, resp. no held-out corpus or
+    `ppo.eval_corpus_blocks` = 0)."""
+    p = cfg.ppo
+    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid, cfg.datasets))
+    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid, cfg.datasets))[: p.eval_prompts] if p.data.eval else []
+    ptx_corpus = load_corpus(ptx_source(cfg), registry=cfg.datasets) if p.ptx_coef > 0 else None
+    eval_source = ptx_eval_source(cfg)
+    ptx_eval_corpus = load_corpus(eval_source, registry=cfg.datasets) if eval_source and p.eval_corpus_blocks else None
+    return train_rows, eval_rows, ptx_corpus, ptx_eval_corpus
+
+
+def ptx_source(cfg: Config) -> str:
+    return cfg.ppo.ptx_data or cfg.pretrain.data.train
+
+
+def ptx_eval_source(cfg: Config) -> str | None:
+    return cfg.ppo.ptx_eval_data or cfg.pretrain.data.eval
 
 
 # ------------------------------------------------------------------------------------------------- metrics

@@ -15,6 +15,7 @@ import math
 import time
 from typing import Any
 
+import datasets
 from transformers import (
     Trainer,
     TrainerCallback,
@@ -41,8 +42,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is built or a directory written.
-    train_corpus = load_corpus(p.data.train, p.data.skip_invalid, cfg.datasets)
-    eval_corpus = load_corpus(p.data.eval, p.data.skip_invalid, cfg.datasets) if p.data.eval else None
+    train_corpus, eval_corpus = load_data(cfg)
 
     # 2. Base model and tokenizer.
     model, tokenizer = load_base(cfg.model, cfg.tokenizer, cfg.datasets)
@@ -85,6 +85,12 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     return metrics
 
 
+def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The validated corpus: train, and held-out or None."""
+    p = cfg.pretrain
+    train_corpus = load_corpus(p.data.train, p.data.skip_invalid, cfg.datasets)
+    eval_corpus = load_corpus(p.data.eval, p.data.skip_invalid, cfg.datasets) if p.data.eval else None
+    return train_corpus, eval_corpus
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

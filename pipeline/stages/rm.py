@@ -57,6 +57,7 @@ class Ranking:
     ranks: list[int]
     input_ids: list[list[int]]
     pairs: list[tuple[int, int]]
+    truncated: int = 0  # completions cut to fit max_length (the dry run reports the count)
 
 
 @tracking.tracked(STAGE)
@@ -66,11 +67,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is loaded or a directory written.
-    train_rows = load_rankings(r.data.train, r.data.skip_invalid, cfg.datasets)
-    eval_rows = load_rankings(r.data.eval, r.data.skip_invalid, cfg.datasets) if r.data.eval else None
-    demo_source = r.normalize_data or cfg.sft.data.eval
-    demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
-    demos = load_demonstrations(demo_source, demo_skip, cfg.datasets) if demo_source else None
+    train_rows, eval_rows, demo_source, demos = load_data(cfg)
     if r.policy_samples and not (Path(r.policy_samples) / "samples.jsonl").is_file():
         raise ConfigError(f"rm.policy_samples: {r.policy_samples} has no samples.jsonl (a finished sft or ppo "
                           "stage directory has one)")
@@ -169,12 +166,25 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 # ------------------------------------------------------------------------------------------ data
 
 
+def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, str | None, datasets.Dataset | None]:
+    """The validated rankings (train, held-out or None) and the demonstrations the reward is normalized on
+    (their source, and the rows or None): `rm.normalize_data`, else `sft.data.eval`."""
+    r = cfg.rm
+    train_rows = load_rankings(r.data.train, r.data.skip_invalid, cfg.datasets)
+    eval_rows = load_rankings(r.data.eval, r.data.skip_invalid, cfg.datasets) if r.data.eval else None
+    demo_source = r.normalize_data or cfg.sft.data.eval
+    demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
+    demos = load_demonstrations(demo_source, demo_skip, cfg.datasets) if demo_source else None
+    return train_rows, eval_rows, demo_source, demos
+
+
 def _fit(prompt: list[int], completion: list[int], eos: int, max_length: int) -> tuple[list[int], bool]:
     """prompt + completion + EOS in at most `max_length` tokens: the prompt's start goes first, then the
     completion's end; the EOS always stays, since the reward is read there. Returns (ids, truncated)."""
     kept_completion = completion[: max_length - 1]
     room = max_length - 1 - len(kept_completion)
-    kept_prompt = prompt[len(prompt) - room :] if room > 0 else []
+    # max(0, ...): a negative start would slice from the end and cut a prompt that fits
+    kept_prompt = prompt[max(0, len(prompt) - room) :] if room > 0 else []
     truncated = len(kept_prompt) < len(prompt) or len(kept_completion) < len(completion)
     return kept_prompt + kept_completion + [eos], truncated
 
@@ -204,12 +214,15 @@ def encode_rankings(
         if not pairs:  # data.py rejects these; kept as a guard because the loss would divide by zero
             raise ConfigError(f"'{key}', row {i + 1}: all completions are tied; no comparison to learn from")
         ids = []
+        cut_here = 0
         for c in flat[pos : pos + len(cs)]:
             seq, cut = _fit(prompt_ids[i], c, tokenizer.eos_token_id, max_length)
-            truncated += cut
+            cut_here += cut
             ids.append(seq)
         pos += len(cs)
-        out.append(Ranking(prompt=prompt, completions=list(cs), ranks=list(rk), input_ids=ids, pairs=pairs))
+        truncated += cut_here
+        out.append(Ranking(prompt=prompt, completions=list(cs), ranks=list(rk), input_ids=ids, pairs=pairs,
+                           truncated=cut_here))
     if truncated:
         log.warning("rm: %d of %d completions in '%s' exceed rm.max_length=%d tokens and were truncated "
                     "(prompt start first)", truncated, pos, key, max_length)
@@ -225,8 +238,9 @@ def encode_demonstrations(
         prompt, _ = render_prompt(row, tokenizer)
         completion = row["messages"][-1]["content"] if row.get("messages") else row["completion"]
         p, c = _tokenize([prompt, completion], tokenizer)
-        ids, _ = _fit(p, c, tokenizer.eos_token_id, max_length)
-        out.append(Ranking(prompt=prompt, completions=[completion], ranks=[1], input_ids=[ids], pairs=[]))
+        ids, cut = _fit(p, c, tokenizer.eos_token_id, max_length)
+        out.append(Ranking(prompt=prompt, completions=[completion], ranks=[1], input_ids=[ids], pairs=[],
+                           truncated=int(cut)))
     return out
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+import datasets
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers import set_seed as hf_set_seed
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.models.utils import unwrap_model_for_generation
 
 from pipeline import tracking
@@ -49,11 +52,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     hf_set_seed(cfg.seed)
 
     # 1. Data first: a malformed row fails here, before a model is loaded or a directory written.
-    train_ds = load_demonstrations(s.data.train, s.data.skip_invalid, cfg.datasets)
-    eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid, cfg.datasets) if s.data.eval else None
-    conversational = "messages" in train_ds.column_names
-    if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
-        raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
+    train_ds, eval_ds, conversational = load_data(cfg)
 
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
@@ -66,13 +65,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     check_gold_covers(gold, eval_rows, tokenizer, "sft.data.eval")
 
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
-    args = TRLSFTConfig(
-        **trainer_kwargs(cfg, STAGE, out.checkpoints_dir, eval_ds is not None),
-        max_length=s.max_length,
-        packing=False,
-        completion_only_loss=None if conversational else True,
-        assistant_only_loss=conversational,
-    )
+    args = trl_args(cfg, out.checkpoints_dir, eval_ds is not None, conversational)
     resume_from = out.prepare(is_main=args.process_index == 0)
     trainer = SFTTrainer(
         model=model,
@@ -116,6 +109,54 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples])
     log.info("sft: wrote %s", out.final_dir)
     return metrics
+
+
+def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
+    """The validated demonstrations (train, held-out or None) and whether they are conversational."""
+    s = cfg.sft
+    train_ds = load_demonstrations(s.data.train, s.data.skip_invalid, cfg.datasets)
+    eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid, cfg.datasets) if s.data.eval else None
+    conversational = "messages" in train_ds.column_names
+    if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
+        raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
+    return train_ds, eval_ds, conversational
+
+
+def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool) -> TRLSFTConfig:
+    """TRL's SFTConfig for this stage: completion-only loss for prompt-completion rows, assistant-only loss
+    (the chat template's {% generation %} spans) for conversational ones."""
+    return TRLSFTConfig(
+        **trainer_kwargs(cfg, STAGE, output_dir, has_eval),
+        max_length=cfg.sft.max_length,
+        packing=False,
+        completion_only_loss=None if conversational else True,
+        assistant_only_loss=conversational,
+    )
+
+
+def prepare_examples(
+    rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, args: TRLSFTConfig, name: str
+) -> datasets.Dataset:
+    """`rows` tokenized, labelled and truncated by SFTTrainer's own dataset preparation, without a model.
+
+    SFTTrainer prepares its datasets in `__init__`, which needs the model; the dry run must show the same
+    `input_ids` and `labels` (-100 = no loss) without loading one. So this runs TRL's `_prepare_dataset` on an
+    instance that holds only the three attributes it reads, set as `SFTTrainer.__init__` sets them
+    (tests/test_dryrun.py checks the result against a real SFTTrainer's datasets).
+    """
+    sample = rows[0]
+    prep = SFTTrainer.__new__(SFTTrainer)
+    prep._tokenizer = tokenizer
+    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        prep.chat_template = get_training_chat_template(tokenizer)
+    else:
+        prep.chat_template = None
+    prep.completion_only_loss = (
+        "prompt" in sample and "completion" in sample if args.completion_only_loss is None
+        else args.completion_only_loss
+    )
+    packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
+    return prep._prepare_dataset(rows, tokenizer, args, packing, None, name)
 
 
 def _unique_prompts(rows: list[dict]) -> list[dict]:
