@@ -283,6 +283,10 @@ class RMConfig(TrainConfig):
         16, help="Held-out prompts whose completions, ranks and rewards go to scores.jsonl (and the tracker).",
         ge=0,
     )
+    extra_train: list[str] = _f(
+        factory=list, help="More ranking sources trained on together with rm.data.train, e.g. the rankings each "
+        "RLHF round collected on its policy's samples (make iterate); each is validated like rm.data.train.",
+    )
     policy_samples: str | None = _f(
         None, help="A finished policy stage directory (e.g. the last round's ppo output) whose held-out samples "
         "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
@@ -549,6 +553,8 @@ def data_sources(cfg: Config, stage: str) -> list[DataSource]:
     section = getattr(cfg, stage)
     own_kind = {"pretrain": "corpus", "sft": "demonstrations", "rm": "rankings", "ppo": "prompts"}[stage]
     keys += [(f"{stage}.data.train", section.data.train, own_kind), (f"{stage}.data.eval", section.data.eval, own_kind)]
+    if stage == "rm":
+        keys += [(f"rm.extra_train[{i}]", source, "rankings") for i, source in enumerate(cfg.rm.extra_train)]
     if stage == "pretrain" and cfg.model.name_or_path is None and cfg.tokenizer.name_or_path is None:
         keys.append(("tokenizer.train_data", cfg.tokenizer.train_data, "corpus"))  # the tiny tokenizer's corpus
     if stage == "rm":  # the reward is normalized on held-out demonstrations

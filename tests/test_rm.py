@@ -261,3 +261,22 @@ def test_two_processes_score_every_held_out_prompt_once(make_config: Callable[..
     for key in ("eval/pairwise_acc_init", "eval/rank1_acc_init", "eval/loss_init", "eval/reward_mean_init"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
     assert m2["train/global_step"] == 2 and not (tmp_path / "two" / "rm.partial").exists()
+
+
+def test_extra_train_sources_join_the_training_rankings_and_the_stamp(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """rm.extra_train: each round's rankings of its policy's samples train together with rm.data.train."""
+    extra = _write(tmp_path / "round-2.jsonl", [
+        {"prompt": "count to two\n", "completions": ["one two", "two", "one"], "ranks": [1, 3, 2], "labeler": "gold"},
+    ])
+    base = make_config()
+    cfg = make_config(f"rm.extra_train=[{extra}]")
+    train, _, _, _ = rm.load_data(cfg)
+    base_train, _, _, _ = rm.load_data(base)
+    assert len(train) == len(base_train) + 1 and train[-1]["completions"] == ["one two", "two", "one"]
+    from pipeline.config import data_sources
+    assert [s.key for s in data_sources(cfg, "rm")][:3] == ["rm.data.train", "rm.data.eval", "rm.extra_train[0]"]
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completions": ["a", "b"], "ranks": [1]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 1, field 'ranks'"):
+        rm.load_data(make_config(f"rm.extra_train=[{extra},{bad}]"))

@@ -167,10 +167,13 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
 
 def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, str | None, datasets.Dataset | None]:
-    """The validated rankings (train, held-out or None) and the demonstrations the reward is normalized on
+    """The validated rankings (train: rm.data.train then rm.extra_train; held-out or None) and the demonstrations the reward is normalized on
     (their source, and the rows or None): `rm.normalize_data`, else `sft.data.eval`."""
     r = cfg.rm
     train_rows = load_rankings(r.data.train, r.data.skip_invalid, cfg.datasets)
+    if r.extra_train:  # e.g. each RLHF round's rankings of its policy's samples, all in one training set
+        extra = [load_rankings(source, r.data.skip_invalid, cfg.datasets) for source in r.extra_train]
+        train_rows = datasets.concatenate_datasets([train_rows, *extra])
     eval_rows = load_rankings(r.data.eval, r.data.skip_invalid, cfg.datasets) if r.data.eval else None
     demo_source = r.normalize_data or cfg.sft.data.eval
     demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
