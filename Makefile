@@ -25,7 +25,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo label label-serve dry-run ptx-ablation summary report env test test-all lint clean clean-stages
+.PHONY: FORCE help install pretrain sft rm ppo label label-serve dry-run iterate oracle ptx-ablation summary report env test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -99,6 +99,53 @@ $(ABLATION)/ppo/summary.json: $(RUN)/ppo/summary.json
 
 ptx-ablation: $(ABLATION)/ppo/summary.json  ## PPO-ptx (make ppo) vs plain PPO (ppo.ptx_coef=0): held-out corpus loss and reward
 	@$(PY) -m pipeline compare $(RUN)/ppo $(ABLATION)/ppo
+
+# RLHF rounds (InstructGPT's and Anthropic's iterated online RLHF): round 1 is the chain above (rm on the profile's
+# rankings, then ppo); round r >= 2 lives in runs/<PROFILE>/round-<r>/: `label` ranks samples of round r-1's
+# policy, `rm` is retrained from SFT on the profile's rankings plus every round's labels so far (rm.extra_train),
+# `ppo` runs again against it: from SFT (ROUND_FROM=sft, InstructGPT), or from round r-1's policy
+# (ROUND_FROM=last), KL-anchored to SFT either way. Same DAG: a second `make iterate` does nothing, a killed
+# round resumes, and ARGS apply to every round (e.g. ARGS="label.noise=0.27").
+ROUNDS ?= 2
+ROUND_FROM ?= sft
+ROUND_LIST := $(shell seq 2 $(ROUNDS) 2>/dev/null)
+comma := ,
+empty :=
+space := $(empty) $(empty)
+round_dir = $(RUN)/round-$(1)
+round_prev = $(if $(filter 2,$(1)),$(RUN),$(RUN)/round-$(shell expr $(1) - 1))
+round_labels = $(subst $(space),$(comma),$(strip $(foreach r,$(shell seq 2 $(1)),$(RUN)/round-$(r)/label/rankings.jsonl)))
+round_args = run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo rm.init=$(RUN)/sft \
+	rm.extra_train=[$(call round_labels,$(1))] rm.policy_samples=$(call round_prev,$(1))/ppo \
+	ppo.init=$(if $(filter last,$(ROUND_FROM)),$(call round_prev,$(1))/ppo,$(RUN)/sft) ppo.reference=$(RUN)/sft \
+	ppo.reward_model=$(call round_dir,$(1))/rm
+
+define ROUND
+$(call round_dir,$(1))/.stamps/%.json: FORCE $(STAMP)
+	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+
+$(call round_dir,$(1))/label/summary.json: $(call round_prev,$(1))/ppo/summary.json $(call round_dir,$(1))/.stamps/label.json pipeline/stages/label.py pipeline/labeling.py
+	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+
+$(call round_dir,$(1))/rm/summary.json: $(RUN)/sft/summary.json $(call round_dir,$(1))/label/summary.json $(call round_dir,$(1))/.stamps/rm.json pipeline/stages/rm.py
+	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+
+$(call round_dir,$(1))/ppo/summary.json: $(call round_dir,$(1))/rm/summary.json $(call round_dir,$(1))/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+endef
+$(foreach r,$(ROUND_LIST),$(eval $(call ROUND,$(r))))
+
+iterate: $(RUN)/ppo/summary.json $(foreach r,$(ROUND_LIST),$(call round_dir,$(r))/ppo/summary.json)  ## RLHF rounds 1..ROUNDS (default 2): label the last policy's samples, retrain rm, ppo again
+	@$(PY) -m pipeline rounds --config $(CONFIG) $(ARGS)
+
+# The ceiling of the rounds: the same PPO (iterations, beta) with the gold reward itself as the reward (tiny task).
+ORACLE := $(RUN)/oracle
+$(ORACLE)/ppo/summary.json: $(RUN)/ppo/summary.json
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) run_dir=$(ORACLE) ppo.init=$(RUN)/sft ppo.reward_model=$(RUN)/rm ppo.reward=gold
+
+oracle: $(ORACLE)/ppo/summary.json  ## PPO on the gold reward itself (tiny task): the gain a perfect reward model allows
+	@$(PY) -m pipeline compare $(RUN)/ppo $(ORACLE)/ppo
+
 
 FORCE:
 

@@ -45,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "the chosen profile.")
     parser.add_argument("-h", "--help", action="store_true", help="this message; after a stage, the stage's keys")
     parser.add_argument("command", nargs="?",
-                        choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report", "env"],
+                        choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report", "rounds", "env"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
                         "env (Python, OS, hardware and library versions, for a bug report), "
                         "summary (final metrics of the profile's finished stages), "
                         "compare DIR DIR ... (final metrics of finished stage directories side by side, with the "
                         "config keys they differ in), "
                         "report (HTML report with plots of the finished stages, in <run_dir>/report), "
+                        "rounds (the RLHF rounds of `make iterate` side by side), "
                         "stamp (refresh the per-stage config stamps the Makefile depends on)")
     parser.add_argument("--config", default="configs/tiny.yaml", help="profile YAML (default: configs/tiny.yaml)")
     parser.add_argument("--dry-run", action="store_true",
@@ -117,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "summary":
         return print_summary(cfg)
+    if args.command == "rounds":
+        from pipeline.report import load_rounds, rounds_lines
+
+        rounds = load_rounds(Path(cfg.run_dir))
+        if not rounds:
+            print(f"error: no finished round under {cfg.run_dir}: run `make iterate`", file=sys.stderr)
+            return 2
+        print("\n".join(rounds_lines(rounds)))
+        return 0
     if args.command == "report":
         from pipeline.report import headline, load_stages, write_report  # matplotlib, only when asked for
 

@@ -312,6 +312,7 @@ def render_html(cfg: Config, stages: Sequence[StageLogs], figures: Sequence[Figu
         f"<p>Run directory <code>{_e(str(run_dir))}</code>, pipeline run <code>{_e(run_id)}</code> (the W&amp;B group); "
         f"generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by <code>python -m pipeline report</code>.</p>",
         *_headline_html(stages),
+        *_rounds_html(load_rounds(run_dir)),
         "<h2>Stages</h2>", _stages_table(stages),
         "<h2>Final metrics</h2>",
         "<p>From each stage's summary.json. <code>*_init</code> is the stage's starting model, measured the same way "
@@ -338,6 +339,93 @@ def _headline_html(stages: Sequence[StageLogs]) -> list[str]:
     return ["<h2>Headline</h2>", f"<ul class='headline'>{items}</ul>",
             "<p><small><code>a → b</code>: the stage's starting model, then its output, on the same held-out data; "
             "KL is the PPO policy's divergence from the SFT policy (nats per completion).</small></p>"]
+
+
+# ---------------------------------------------------------------------------------------------- RLHF rounds
+
+
+@dataclass(frozen=True)
+class Round:
+    """One RLHF round's numbers: round 1 is the profile's chain, round r >= 2 runs/<profile>/round-<r>/
+    (`make iterate`), and the oracle run (PPO on the gold reward itself, `make oracle`) is the ceiling."""
+
+    name: str
+    ppo_dir: Path
+    labels: int | None  # rankings this round added (the label stage's), None for round 1 / the oracle
+    rm_agreement: float | None  # this round's RM vs gold on the samples of the policy this round starts from
+    gold_init: float | None  # held-out gold of the SFT policy
+    gold: float | None  # held-out gold of this round's PPO policy
+    kl: float | None  # its held-out KL to SFT (nats per completion)
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.gold is None or self.gold_init is None else self.gold - self.gold_init
+
+
+def load_rounds(run_dir: Path) -> list[Round]:
+    """Every finished round under run_dir, in order, then the oracle run when there is one."""
+    rounds = []
+    dirs = [("round 1", run_dir)]
+    numbered = sorted((int(d.name.split("-")[1]), d) for d in run_dir.glob("round-*") if d.name.split("-")[1].isdigit())
+    dirs += [(f"round {n}", d) for n, d in numbered]
+    if (run_dir / "oracle" / "ppo" / "summary.json").is_file():
+        dirs.append(("oracle (gold reward)", run_dir / "oracle"))
+    for name, d in dirs:
+        ppo = _metrics(d / "ppo")
+        if ppo is None:
+            continue
+        rm = _metrics(d / "rm") if name != "oracle (gold reward)" else None
+        label = _metrics(d / "label") if name.startswith("round ") and name != "round 1" else None
+        agreement = None
+        if rm is not None:  # round 1 starts from SFT; round r from round r-1's policy (rm.policy_samples)
+            agreement = rm.get("eval/gold_agreement_policy_samples", rm.get("eval/gold_agreement_sft_samples"))
+        rounds.append(Round(name, d / "ppo", label.get("rankings") if label else None, agreement,
+                            ppo.get("eval/gold_score_init"), ppo.get("eval/gold_score"),
+                            ppo.get("eval/kl_to_sft", ppo.get("eval/kl"))))
+    return rounds
+
+
+def rounds_lines(rounds: Sequence[Round]) -> list[str]:
+    """The rounds side by side as text (`make iterate` prints it)."""
+    head = f"{'':<22}{'new rankings':>13}{'RM-gold agreement':>19}{'held-out gold':>15}{'gain':>9}{'KL to SFT':>11}"
+    lines = [head]
+    for r in rounds:
+        cells = [_fmt_opt(r.labels, "d"), _fmt_opt(r.rm_agreement), _fmt_opt(r.gold), _fmt_opt(r.gain, "+.4f"),
+                 _fmt_opt(r.kl, ".3f")]
+        lines.append(f"{r.name:<22}{cells[0]:>13}{cells[1]:>19}{cells[2]:>15}{cells[3]:>9}{cells[4]:>11}")
+    if rounds and rounds[0].gold_init is not None:
+        lines.append(f"SFT policy held-out gold: {rounds[0].gold_init:.4f}. RM-gold agreement: the round's reward "
+                     "model on held-out samples of the policy the round starts from (round 1: SFT).")
+    return lines
+
+
+def _rounds_html(rounds: Sequence[Round]) -> list[str]:
+    if len(rounds) < 2:
+        return []
+    rows = "".join(
+        f"<tr><td>{_e(r.name)}</td><td class='num'>{_fmt_opt(r.labels, 'd')}</td>"
+        f"<td class='num'>{_fmt_opt(r.rm_agreement)}</td><td class='num'>{_fmt_opt(r.gold)}</td>"
+        f"<td class='num'>{_fmt_opt(r.gain, '+.4f')}</td><td class='num'>{_fmt_opt(r.kl, '.3f')}</td></tr>"
+        for r in rounds)
+    return ["<h2>RLHF rounds</h2>",
+            "<p>Round 1 is the chain (reward model on the profile's rankings); each later round ranks samples of the "
+            "previous round's policy, retrains the reward model from SFT on all rankings so far and runs PPO again "
+            "(<code>make iterate</code>). RM-gold agreement: the round's reward model on held-out samples of the "
+            "policy the round starts from.</p>",
+            "<table><tr><th>round</th><th>new rankings</th><th>RM-gold agreement</th><th>held-out gold</th>"
+            f"<th>gain over SFT</th><th>KL to SFT</th></tr>{rows}</table>"]
+
+
+def _metrics(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        return None
+    return _read_json(path).get("metrics", {})
+
+
+def _fmt_opt(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
 
 
 def _stages_table(stages: Sequence[StageLogs]) -> str:
