@@ -77,6 +77,14 @@ summary: $(STAMP)  ## print the final metrics of this profile's finished stages
 report: $(STAMP)  ## HTML report with plots of the finished stages: runs/<PROFILE>/report/index.html
 	@$(PY) -m pipeline report --config $(CONFIG) $(ARGS)
 
+# make chat: the profile's PPO policy; STAGE=sft (or pretrain) picks another stage, DIR=<path> any finished
+# stage directory, CHAT_ARGS="--greedy --temperature 0.7 ..." the sampling options (python -m pipeline chat -h).
+STAGE ?= ppo
+DIR ?= $(RUN)/$(STAGE)
+CHAT_ARGS ?=
+chat: $(STAMP)  ## talk to a finished stage's policy in the terminal (STAGE=ppo|sft|pretrain, DIR=..., CHAT_ARGS=...)
+	@$(PY) -m pipeline chat $(DIR) $(CHAT_ARGS)
+
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q
 

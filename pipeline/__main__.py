@@ -1,7 +1,8 @@
 """The CLI: `python -m pipeline <stage> --config configs/<profile>.yaml [dotted.key=value ...]`.
 
 Also `python -m pipeline config --config ...` prints the resolved config, and `python -m pipeline keys`
-lists every config key with its type and help. Under `accelerate launch -m pipeline <stage> ...` the
+lists every config key with its type and help; `python -m pipeline chat runs/<profile>/ppo` talks to a
+finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
 User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
@@ -24,6 +25,11 @@ from pipeline.config import STAGES, Config, ConfigError, describe, load_config, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:  # sampling options of its own, not config overrides: its own parser
+        from pipeline.chat import main as chat_main
+
+        return chat_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
