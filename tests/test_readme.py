@@ -3,7 +3,7 @@
 How a README block is tagged. The line before every fenced ```bash / ```sh / ```shell /
 ```python block is an HTML comment (invisible on GitHub) saying what the test does with it:
 
-    <!-- test: run -->            run it as it stands, in a fresh checkout
+    <!-- test: run -->            run it as it stands (it needs nothing, or builds what it needs itself)
     <!-- test: chain -->          run it once the tiny chain (pretrain → sft → rm → ppo) is built
     <!-- test: skip (reason) -->  not run here; the reason is required (a hub download, several GPUs, ...)
 
