@@ -160,6 +160,14 @@ report: $(STAMP)  ## HTML report with plots of the finished stages: runs/<PROFIL
 env:  ## versions (Python, torch, transformers, trl, ...), OS, CPUs, GPUs: paste it into a bug report
 	@$(if $(wildcard $(PY)),$(PY),python3) -m pipeline.env
 
+# make chat: the profile's PPO policy; CHAT_STAGE=sft (or pretrain) picks another stage, DIR=<path> any finished
+# stage directory, CHAT_ARGS="--greedy --temperature 0.7 ..." the sampling options (python -m pipeline chat -h).
+CHAT_STAGE ?= ppo
+DIR ?= $(RUN)/$(CHAT_STAGE)
+CHAT_ARGS ?=
+chat: $(STAMP)  ## talk to a finished stage's policy in the terminal (CHAT_STAGE=ppo|sft|pretrain, DIR=..., CHAT_ARGS=...)
+	@$(PY) -m pipeline chat $(DIR) $(CHAT_ARGS)
+
 test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (a few minutes on 2 cores)
 	$(PY) -m pytest -q
 

@@ -2,8 +2,9 @@
 
 Also `python -m pipeline <stage> --help [--config ...] [key=value ...]` lists every key the stage reads with
 its value in that profile, `python -m pipeline config --config ...` prints the resolved config,
-`python -m pipeline keys` lists every config key with its type and help, and `python -m pipeline env` prints
-the versions and hardware a bug report needs. Under `accelerate launch -m pipeline <stage> ...` the
+`python -m pipeline keys` lists every config key with its type and help, `python -m pipeline env` prints
+the versions and hardware a bug report needs, and `python -m pipeline chat runs/<profile>/ppo` talks to a
+finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
 User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
@@ -37,6 +38,11 @@ from pipeline.config import (
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:  # sampling options of its own, not config overrides: its own parser
+        from pipeline.chat import main as chat_main
+
+        return chat_main(argv[1:])
     # Our own -h: `<stage> --help` shows the stage's keys in the chosen profile, not argparse's usage.
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0],
                                      add_help=False,

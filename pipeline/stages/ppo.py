@@ -183,7 +183,8 @@ def run(cfg: Config) -> dict[str, Any]:
         state["history"].append({tracking.STEP: p.iterations, **final})
     metrics = _summary_metrics(final, baseline, state, p)
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, reward_model=rm_path,
-                            resumed_from=resume_from, distributed=layout)
+                            resumed_from=resume_from, distributed=layout,
+                            conversational=bool(train_rows[0].get("messages")))  # how to prompt it (chat)
     staging = out.begin_final()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
