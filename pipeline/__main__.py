@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[*STAGES, "config", "keys", "stamp", "summary", "compare", "report", "rounds", "env"],
                         help="stage to run; or config (print the resolved config), keys (list all keys), "
                         "env (Python, OS, hardware and library versions, for a bug report), "
+                        "chat DIR (talk to a finished stage's policy; chat -h for its options), "
                         "summary (final metrics of the profile's finished stages), "
                         "compare DIR DIR ... (final metrics of finished stage directories side by side, with the "
                         "config keys they differ in), "

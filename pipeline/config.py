@@ -866,7 +866,8 @@ def stage_help(cfg: Config, stage: str, config_path: str | Path = "", overrides:
         raise ConfigError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     stage_field = next(f for f in dataclasses.fields(Config) if f.name == stage)
     lines = [
-        f"usage: python -m pipeline {stage} [--config configs/<profile>.yaml] [key=value ...]",
+        f"usage: python -m pipeline {stage} [--config configs/<profile>.yaml] [key=value ...]"
+        + (" [--dry-run]" if stage in ("pretrain", "sft", "rm", "ppo") else ""),
         f"       make {stage} PROFILE=<profile> ARGS=\"key=value ...\"",
         "",
         *_wrap(f"{stage}: {_doc(type(getattr(cfg, stage)))}", 0),
