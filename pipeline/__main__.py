@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pipeline.checkpoint import after_disk_full, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # the main process cleans up and speaks for all
+            message = after_disk_full(cfg.stage_dir(args.command), e, f"{args.command} PROFILE={cfg.profile}")
+            print(f"error: {args.command}: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
               file=sys.stderr)
