@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -249,7 +250,7 @@ def prompt_longer_than_context(c: Ctx) -> Given:
     f = c.file("demos.jsonl", [DEMO, DEMO, {"prompt": long_prompt, "completion": "one"}])
     return Given("sft", [f"sft.init={sft}", f"sft.data.train={f}"],
                  [f"{f}, row 3, field 'prompt': the prompt is", "longer than the model's context (256)",
-                  "sft.max_length (128) cuts a row's end", "shorten the prompt or remove the row"])
+                  "sft.max_length (64) cuts a row's end", "shorten the prompt or remove the row"])
 
 
 # Config: profile file, keys, types, bounds, cross-checks.
@@ -308,7 +309,9 @@ def reward_model_of_another_tokenizer(c: Ctx) -> Given:
     from pipeline.modeling import build_tiny_tokenizer
 
     c.stage_copy("sft_dir", "sft")
-    rm = c.stage_copy("rm_dir", "rm")
+    # The reward model's directory: the SFT model (what a reward model starts from; loaded with a fresh scalar head,
+    # it passes every check up to the tokenizer's), so this case needs no rm_dir trained for it.
+    rm = c.stage_copy("sft_dir", "rm")
     # Another corpus, the same vocabulary size: a tokenizer as large as the policy's whose ids mean other things.
     corpus = c.file("other_corpus.jsonl", [{"text": f"{w} {w[::-1]} {w.upper()}"} for w in
                                            ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot") * 20])
@@ -368,8 +371,9 @@ CASES: list[Callable[[Ctx], Given]] = [
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `root` with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+    """Every file under `root` with its size and modification time, and every folder (a folder's own mtime
+    moves when something is created in it and removed again, which leaves nothing behind)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
             for p in root.rglob("*")}
 
 
@@ -383,6 +387,11 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
     given = case(ctx)
     before = snapshot(ctx.tmp)
     capsys.readouterr()
+    # Log handlers (the CLI's logging.basicConfig, transformers' own) hold the sys.stderr of their time: each case
+    # logs to its own captured stream through the root logger, not to an earlier case's closed one.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("transformers"), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
     if given.patch:
         given.patch(monkeypatch)
     argv = given.argv or [given.stage, "--config", given.config, *small_overrides(small_data, ctx.run),
