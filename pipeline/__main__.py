@@ -7,8 +7,8 @@ the versions and hardware a bug report needs, and `python -m pipeline chat runs/
 finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
-User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
-anything else is a bug and keeps its traceback.
+User errors (bad config, bad data, a missing or broken previous stage) and a full disk print one line and
+exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

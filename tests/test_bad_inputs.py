@@ -319,7 +319,8 @@ def reward_model_of_another_tokenizer(c: Ctx) -> Given:
     for f in rm.glob("tokenizer*"):
         f.unlink()
     other.save_pretrained(rm)
-    return Given("ppo", [], [f"'ppo.reward_model' ({rm}) was trained with another tokenizer than the policy",
+    return Given("ppo", [], [f"'ppo.reward_model' ({rm}) was trained with another tokenizer than the policy "
+                             f"({c.run / 'sft'})", "in the policy's tokenizer but", "the reward model's",
                              "rebuild it from this SFT model: `make rm PROFILE=tiny`"])
 
 

@@ -82,9 +82,10 @@ def run(cfg: Config) -> dict[str, Any]:
     reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target)
     value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
-    _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", rm_target)
+    _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
     if p.value_init:
-        _check_same_tokenizer(tokenizer, init, value_tokenizer, p.value_init, "ppo.value_init", None)
+        _check_same_tokenizer(tokenizer, init, value_tokenizer, p.value_init, "ppo.value_init", "the value model",
+                              None)
     gold = gold_function(cfg.gold_reward)
     if p.reward == "gold" and gold is None:
         raise ConfigError("ppo.reward=gold (an oracle run) needs a gold reward: set gold_reward (tiny task only)")
@@ -468,7 +469,7 @@ def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedM
 
 def _check_same_tokenizer(
     policy_tokenizer: PreTrainedTokenizerBase, policy_path: str, other: PreTrainedTokenizerBase, other_path: str,
-    key: str, make_target: str | None,
+    key: str, noun: str, make_target: str | None,
 ) -> None:
     """The reward and value models read the policy's token ids as they are: they must have been trained on the
     same tokenizer (the reward model may add a pad token of its own). An embedding of the same size says nothing:
@@ -476,12 +477,12 @@ def _check_same_tokenizer(
     theirs = other.get_vocab()
     for token, i in sorted(policy_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
         if theirs.get(token) != i:
-            where = "absent" if token not in theirs else f"id {theirs[token]}"
+            where = "missing from" if token not in theirs else f"id {theirs[token]} in"
             how = f"rebuild it from this SFT model: `make {make_target}`" if make_target else (
                 "train it from the policy's SFT model (rm.init), or point it at one that was")
             raise ConfigError(
                 f"'{key}' ({other_path}) was trained with another tokenizer than the policy ({policy_path}): token "
-                f"{token!r} is id {i} for the policy, {where} for it; {how}"
+                f"{token!r} is id {i} in the policy's tokenizer but {where} {noun}'s; {how}"
             )
 
 
