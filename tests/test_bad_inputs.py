@@ -256,6 +256,16 @@ def prompt_longer_than_context(c: Ctx) -> Given:
 # Config: profile file, keys, types, bounds, cross-checks.
 
 
+def prompt_longer_than_context_dry_run(c: Ctx) -> Given:
+    """--dry-run refuses what the stage refuses, reading only the finished pretrain output's tokenizer and config."""
+    c.stage_copy("sft_dir", "pretrain")
+    given = prompt_longer_than_context(c)
+    given.overrides = [o for o in given.overrides if not o.startswith("sft.init=")]
+    given.argv = ["sft", "--dry-run", "--config", given.config, *small_overrides(c.fixture("small_data"), c.run),
+                  *given.overrides]
+    return given
+
+
 def unknown_config_key(c: Ctx) -> Given:
     return Given("sft", ["sft.learning_rate=1e-4"], ["unknown config key 'sft.learning_rate'; did you mean 'sft.lr'?"])
 
@@ -364,6 +374,7 @@ CASES: list[Callable[[Ctx], Given]] = [
     unknown_role, no_assistant_turn, prompt_ends_with_assistant, non_utf8_jsonl, non_utf8_csv, csv_missing_column,
     parquet_wrong_schema, parquet_not_parquet, registry_map_names_absent_column, registry_entry_of_another_kind,
     labelers_file_bad_row, label_rankings_in_rm_extra_train, prompt_longer_than_context,
+    prompt_longer_than_context_dry_run,
     unknown_config_key, wrong_type, negative_learning_rate, minibatch_not_dividing, profile_not_a_mapping,
     profile_invalid_yaml,
     missing_previous_stage, previous_stage_only_partial, truncated_safetensors, reward_model_of_another_tokenizer,
