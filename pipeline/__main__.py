@@ -7,13 +7,14 @@ the versions and hardware a bug report needs, and `python -m pipeline chat runs/
 finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
-User errors (bad config, bad data, a missing previous stage) print one line and exit with status 2;
-anything else is a bug and keeps its traceback.
+User errors (bad config, bad data, a missing or broken previous stage) and a full disk print one line and
+exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import logging
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.modeling import ModelLoadError
 
     _setup_logging()
+    error = None
     try:
         if args.dry_run:
             from pipeline import dryrun
@@ -164,12 +166,28 @@ def main(argv: list[str] | None = None) -> int:
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
             stage.run(cfg)
     except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        error = str(e)
+    except Exception as e:
+        from pipeline.checkpoint import after_disk_full, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        # The main process clears what the failed write left and speaks for all.
+        error = ""
+        if int(os.environ.get("RANK", "0")) == 0:
+            error = f"{args.command}: " + after_disk_full(cfg.stage_dir(args.command), e,
+                                                          f"{args.command} PROFILE={cfg.profile}")
     except KeyboardInterrupt:
         print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
               file=sys.stderr)
         return 130
+    if error is not None:
+        # A stage that failed mid-training still holds progress bars in the exception's frames; collected
+        # now, they draw their last line here, not after the error, which stays the last line printed.
+        gc.collect()
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ running it again resumes from the newest checkpoint in `checkpoints/`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -101,6 +102,71 @@ class StageOutput:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return self.final_dir
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads when a library reports it in its own exception (safetensors' IoError, torch's writer).
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) is a write that failed for want of space."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(w in str(e) for w in _DISK_FULL_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint whose writer finished: the Trainer writes trainer_state.json last, PPO renames its
+    `checkpoint-N.tmp` only once ppo_state.json is in it."""
+    if checkpoint.name.endswith(".tmp"):
+        return False
+    return (checkpoint / "trainer_state.json").is_file() or (checkpoint / "ppo_state.json").is_file()
+
+
+def after_disk_full(final_dir: str | Path, error: BaseException, make_target: str) -> str:
+    """Clear what a write that ran out of space left half-written in a stage's work directory, and say what
+    is kept: the last complete checkpoint (which a rerun resumes from) and any previous finished output.
+
+    Only the half-written checkpoint and the staging directory go: a rerun must never resume from a checkpoint
+    that lacks its optimizer or RNG state, and everything complete stays.
+    """
+    final_dir = Path(final_dir)
+    work_dir = final_dir.with_name(final_dir.name + ".partial")
+    checkpoints = work_dir / "checkpoints"
+    removed = []
+    if checkpoints.is_dir():
+        for d in sorted(checkpoints.iterdir()):
+            if d.is_dir() and d.name.startswith("checkpoint-") and not _complete(d):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    staging = work_dir / "final"
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append("final/ (the output being assembled)")
+    for tmp in work_dir.glob("*.tmp") if work_dir.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    what = str(getattr(error, "strerror", None) or error).splitlines()[0]
+    where = f" writing {error.filename}" if isinstance(error, OSError) and error.filename else ""
+    parts = [f"disk full ({what}){where}"]
+    if removed:
+        parts.append(f"removed the half-written {', '.join(removed)} in {work_dir}")
+    if last:
+        parts.append(f"kept the last complete checkpoint {last}: free some space and run `make {make_target}` "
+                     "(or the same command) again to resume from it")
+    else:
+        parts.append(f"no checkpoint was complete yet: free some space and run `make {make_target}` again")
+    if (final_dir / "summary.json").is_file():
+        parts.append(f"the previous output {final_dir} is untouched")
+    return "; ".join(parts)
 
 
 def build_summary(

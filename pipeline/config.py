@@ -626,7 +626,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(_yaml_error(path, e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     raw = _with_includes(raw, path)
@@ -641,6 +641,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg.run_dir = f"runs/{cfg.profile}"
     check_data_keys(cfg)
     return cfg
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line: where the YAML breaks and why (PyYAML's own message spans several, with a caret drawing)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    return f"{path}{where}: not valid YAML ({what}" + (f", {context}" if context else "") + ")"
 
 
 def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -665,7 +674,7 @@ def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         try:
             part = yaml.safe_load(part_path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{part_path}: not valid YAML: {e}") from None
+            raise ConfigError(_yaml_error(part_path, e)) from None
         if not isinstance(part, dict):
             raise ConfigError(f"{part_path}: the top level must be a mapping of config keys")
         if "include" in part:

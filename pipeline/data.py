@@ -76,6 +76,7 @@ reads the row, the map to write in the registry (`guess_columns`).
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
@@ -123,10 +124,17 @@ class _FieldError(Exception):
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        # A byte offset means nothing in an editor: name the line (a .jsonl/.txt row) and the byte within it.
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text ({e.reason}: byte 0x{data[e.start]:02x} at byte {column} of the "
+            "line); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old > new`)"
+        ) from None
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[str, int, Any]]:
@@ -154,7 +162,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 
 def _read_csv(path: Path, json_fields: tuple[str, ...]) -> Iterator[tuple[str, int, Any]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    # Decoded whole first: a decoding error met while streaming would name no line (and escape as a traceback).
+    with io.StringIO(_read_text(path), newline="") as f:
         for i, row in enumerate(csv.DictReader(f), 1):
             row = {k: v for k, v in row.items() if k is not None and v is not None}
             for key in json_fields:
@@ -233,7 +242,8 @@ def _records(
     elif (m := _HUB_ID.match(source)) and not source.endswith(SUFFIXES):
         yield from _read_hub(source, m["name"], m["split"] or "train")
     else:
-        raise DataError(f"{source}: file not found")
+        where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise DataError(f"{source}: file not found{where}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,6 +362,8 @@ def _ranked(row: Row) -> Row:
         name, ranks = "scores", _ranks_from_scores(row["scores"], len(completions))
     else:
         name = "ranks"
+        if ranks is None:  # e.g. a CSV without the column: say it is missing, not that it is null
+            raise _FieldError("ranks", "missing")
         if not isinstance(ranks, list):
             raise _FieldError("ranks", f"must be a list of integers, got {_type(ranks)}")
         if len(ranks) != len(completions):
@@ -617,19 +629,59 @@ def load(
     itself; an entry's column map is applied to every row before it is checked.
     The first invalid row raises DataError, unless `skip_invalid`: then invalid rows are dropped and counted.
     """
-    if kind not in _CHECKS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(_CHECKS)}")
-    name, entry = "", None
-    if isinstance(source, str) and registry and source in registry:
-        name, entry = source, registry[source]
-    elif not isinstance(source, str):
-        name, entry = "<entry>", source
-    if entry is not None and entry.kind != kind:
-        raise DataError(f"data set '{name}' holds {entry.kind} (datasets.{name}.kind), but {kind} are read here")
-    label = entry.location if entry is not None else str(source)
-    ctx = _Context(kind, _CHECKS[kind], ColumnMap(entry.columns, entry.roles) if entry else ColumnMap({}), name)
+    label = _label(source, registry)
     rows: list[Row] = []
     skipped: list[str] = []
+    for _, _, row in _valid_rows(kind, source, skip_invalid, registry, skipped):
+        rows.append(row)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows that fail validation (skip_invalid is on); the first: %s",
+                    label, len(skipped), len(skipped) + len(rows), " | ".join(skipped[:3]))
+    if not rows:
+        why = f" (all {len(skipped)} rows invalid; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{label}: empty: no rows{why}")
+    return datasets.Dataset.from_list(rows)
+
+
+def row_origin(
+    kind: Kind, source: str | DatasetConfig, index: int, skip_invalid: bool = False,
+    registry: Mapping[str, DatasetConfig] | None = None,
+) -> str:
+    """`file, row n` of row `index` (0-based) of what `load` returns for the same arguments: for a problem found
+    only once the rows meet the model (a prompt longer than its context), named like every other row error."""
+    for i, (origin, n, _) in enumerate(_valid_rows(kind, source, skip_invalid, registry, [])):
+        if i == index:
+            return f"{origin}, row {n}"
+    return f"{_label(source, registry)}, row #{index + 1}"
+
+
+def _entry(source: str | DatasetConfig, registry: Mapping[str, DatasetConfig] | None) -> tuple[str, DatasetConfig | None]:
+    """(registry name, entry) that `source` names, or ("", None) for a path or hub id."""
+    if isinstance(source, str) and registry and source in registry:
+        return source, registry[source]
+    if not isinstance(source, str):
+        return "<entry>", source
+    return "", None
+
+
+def _label(source: str | DatasetConfig, registry: Mapping[str, DatasetConfig] | None) -> str:
+    entry = _entry(source, registry)[1]
+    return entry.location if entry is not None else str(source)
+
+
+def _valid_rows(
+    kind: Kind, source: str | DatasetConfig, skip_invalid: bool, registry: Mapping[str, DatasetConfig] | None,
+    skipped: list[str],
+) -> Iterator[tuple[str, int, Row]]:
+    """(origin, row number, normalized row) of every valid row; invalid ones raise, or with `skip_invalid` go to
+    `skipped` (their messages)."""
+    if kind not in _CHECKS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(_CHECKS)}")
+    name, entry = _entry(source, registry)
+    if entry is not None and entry.kind != kind:
+        raise DataError(f"data set '{name}' holds {entry.kind} (datasets.{name}.kind), but {kind} are read here")
+    label = _label(source, registry)
+    ctx = _Context(kind, _CHECKS[kind], ColumnMap(entry.columns, entry.roles) if entry else ColumnMap({}), name)
     first: tuple[str, str, int] | None = None  # (format, origin, row) of the first valid row
     for origin, n, raw in _records(str(source) if entry is None else label, kind, entry, name):
         try:
@@ -640,14 +692,7 @@ def load(
             skipped.append(str(e))
             continue
         first = first or (fmt, origin, n)
-        rows.append(row)
-    if skipped:
-        log.warning("%s: skipped %d of %d rows that fail validation (skip_invalid is on); the first: %s",
-                    label, len(skipped), len(skipped) + len(rows), " | ".join(skipped[:3]))
-    if not rows:
-        why = f" (all {len(skipped)} rows invalid; the first: {skipped[0]})" if skipped else ""
-        raise DataError(f"{label}: empty: no rows{why}")
-    return datasets.Dataset.from_list(rows)
+        yield origin, n, row
 
 
 @dataclass(frozen=True)
@@ -663,7 +708,10 @@ class _Context:
 def _check_row(ctx: _Context, origin: str, n: int, raw: Any, first: tuple[str, str, int] | None) -> tuple[str, Row]:
     """One row mapped, validated and normalized; DataError names the file, row and (foreign) field."""
     if not isinstance(raw, dict):
-        raise DataError(f"{origin}, row {n}: expected an object (one row of {ctx.kind}), got {_type(raw)}")
+        hint = ""
+        if isinstance(raw, list) and origin.endswith(".jsonl"):
+            hint = "; a .jsonl file holds one JSON object per line (a JSON list of rows belongs in a .json file)"
+        raise DataError(f"{origin}, row {n}: expected an object (one row of {ctx.kind}), got {_type(raw)}{hint}")
     try:
         fmt, row = ctx.check(ctx.columns.apply(raw))
     except _FieldError as e:

@@ -233,6 +233,10 @@ def _sft(cfg: Config, p: Printer) -> None:
     tokenizer, what, context = stage_tokenizer(cfg, "sft")
     _tokenizer_line(p, tokenizer, what, context)
     _check_fits(s.max_length, "sft.max_length", context)
+    if context:  # the stage refuses a prompt longer than the context: so does its dry run
+        sft.check_prompt_lengths(cfg, train, "train", tokenizer, context)
+        if held_out is not None:
+            sft.check_prompt_lengths(cfg, held_out, "eval", tokenizer, context)
     if held_out is not None:
         gold_rows = sft._unique_prompts(list(held_out))[: s.generation.num_prompts]
         check_gold_covers(gold_function(cfg.gold_reward), gold_rows, tokenizer, "sft.data.eval")

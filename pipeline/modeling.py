@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -133,15 +134,18 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 def load_causal_lm(
     name_or_path: str, dtype: str = "float32", revision: str | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None, make_target: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or `tokenizer`."""
+    """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or `tokenizer`.
+    `make_target` builds the directory (named when its weights are corrupted)."""
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}") from None
+    except SafetensorError as e:
+        raise ModelLoadError(_corrupt_weights(name_or_path, e, make_target)) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # a tokenizer with added tokens
     _sync_generation_config(model, tokenizer)
@@ -175,7 +179,7 @@ def load_base_tokenizer(
 def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a previous stage's output, with an error that says which `make` target builds it."""
     _require_finished(path, make_target)
-    return load_causal_lm(str(path))
+    return load_causal_lm(str(path), make_target=make_target)
 
 
 def _require_finished(path: str | Path, make_target: str | None) -> None:
@@ -184,7 +188,25 @@ def _require_finished(path: str | Path, make_target: str | None) -> None:
     looks_local = p.is_absolute() or str(path).startswith((".", "runs/")) or p.exists()
     if looks_local and not (p / "config.json").is_file():
         how = f": build it with `make {make_target}`" if make_target else ""
+        partial = p.with_name(p.name + ".partial")
+        if partial.is_dir():  # the stage was started but never finished (interrupted, failed, or still running)
+            how = (f": {partial} holds a run that never finished; "
+                   + (f"`make {make_target}` resumes it" if make_target else "run its stage again to resume it"))
         raise ModelLoadError(f"no finished model at {p}{how}")
+
+
+def _corrupt_weights(path: str | Path, error: Exception, make_target: str | None) -> str:
+    """The message for weights safetensors cannot read (a truncated copy, a disk that filled up): which file."""
+    bad = None
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except SafetensorError:
+            bad = f
+            break
+    how = f"rebuild it with `make {make_target}`" if make_target else "rebuild or copy it again"
+    return f"{bad or path}: corrupted or truncated weights file ({error}); {how}"
 
 
 def load_reward_model(
@@ -203,6 +225,8 @@ def load_reward_model(
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load reward model '{path}': {_first_line(e)}") from None
+    except SafetensorError as e:
+        raise ModelLoadError(_corrupt_weights(path, e, make_target)) from None
     ensure_distinct_pad(model, tokenizer)
     return model, tokenizer
 

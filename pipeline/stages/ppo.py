@@ -78,9 +78,14 @@ def run(cfg: Config) -> dict[str, Any]:
     rm_path = p.reward_model or str(cfg.stage_dir("rm"))
     policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}")
     ref_policy, _ = load_stage_model(p.reference or init)
-    reward_model, _ = load_reward_model(rm_path, make_target=None if p.reward_model else f"rm PROFILE={cfg.profile}")
+    rm_target = None if p.reward_model else f"rm PROFILE={cfg.profile}"
+    reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target)
     value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
+    _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
+    if p.value_init:
+        _check_same_tokenizer(tokenizer, init, value_tokenizer, p.value_init, "ppo.value_init", "the value model",
+                              None)
     gold = gold_function(cfg.gold_reward)
     if p.reward == "gold" and gold is None:
         raise ConfigError("ppo.reward=gold (an oracle run) needs a gold reward: set gold_reward (tiny task only)")
@@ -460,6 +465,25 @@ def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedM
                           "'ppo.reference' must be the policy's base (e.g. the sft output)")
     if tokenizer.eos_token_id is None:
         raise ConfigError("the policy's tokenizer has no EOS token: completions could never end")
+
+
+def _check_same_tokenizer(
+    policy_tokenizer: PreTrainedTokenizerBase, policy_path: str, other: PreTrainedTokenizerBase, other_path: str,
+    key: str, noun: str, make_target: str | None,
+) -> None:
+    """The reward and value models read the policy's token ids as they are: they must have been trained on the
+    same tokenizer (the reward model may add a pad token of its own). An embedding of the same size says nothing:
+    another tokenizer with as many tokens gives the same ids other meanings, and the rewards would be noise."""
+    theirs = other.get_vocab()
+    for token, i in sorted(policy_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != i:
+            where = "missing from" if token not in theirs else f"id {theirs[token]} in"
+            how = f"rebuild it from this SFT model: `make {make_target}`" if make_target else (
+                "train it from the policy's SFT model (rm.init), or point it at one that was")
+            raise ConfigError(
+                f"'{key}' ({other_path}) was trained with another tokenizer than the policy ({policy_path}): token "
+                f"{token!r} is id {i} in the policy's tokenizer but {where} {noun}'s; {how}"
+            )
 
 
 def _save_checkpoint(accelerator: Accelerator, out: StageOutput, state: dict[str, Any], step: int,

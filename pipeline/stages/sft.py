@@ -29,7 +29,7 @@ from trl.models.utils import unwrap_model_for_generation
 from pipeline import tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
-from pipeline.data import load_demonstrations
+from pipeline.data import DataError, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.modeling import context_length, load_stage_model
 from pipeline.training import (
@@ -60,6 +60,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
+    if max_pos:
+        check_prompt_lengths(cfg, train_ds, "train", tokenizer, max_pos)
+        if eval_ds is not None:
+            check_prompt_lengths(cfg, eval_ds, "eval", tokenizer, max_pos)
     gold = gold_function(cfg.gold_reward)
     eval_rows = _unique_prompts(list(eval_ds))[: s.generation.num_prompts] if eval_ds is not None else []
     check_gold_covers(gold, eval_rows, tokenizer, "sft.data.eval")
@@ -120,6 +124,33 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, b
     if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
         raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
     return train_ds, eval_ds, conversational
+
+
+def check_prompt_lengths(
+    cfg: Config, rows: datasets.Dataset, split: str, tokenizer: PreTrainedTokenizerBase, context: int
+) -> None:
+    """A demonstration whose prompt alone is longer than the model's context trains nothing: `sft.max_length`
+    (at most the context) cuts a row's end, so all of its completion goes and TRL drops the row without a word.
+    The first such row is an error that names it (file, row, field), like any other bad row."""
+    for i, row in enumerate(rows):
+        if row.get("messages"):  # the text before the first assistant turn, up to its generation prompt
+            turns = row["messages"]
+            k = next(j for j, t in enumerate(turns) if t["role"] == "assistant")
+            field = "messages"
+            text = tokenizer.apply_chat_template(turns[:k], add_generation_prompt=True, tokenize=False) if k else ""
+        else:
+            field, text = "prompt", row["prompt"]
+        if len(text.encode()) <= context:  # a token covers at least one byte: no need to tokenize
+            continue
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > context:
+            source = getattr(cfg.sft.data, split)
+            where = row_origin("demonstrations", source, i, cfg.sft.data.skip_invalid, cfg.datasets)
+            raise DataError(
+                f"{where}, field '{field}': the prompt is {n} tokens, longer than the model's context ({context}); "
+                f"sft.max_length ({cfg.sft.max_length}) cuts a row's end, so none of its completion would be trained "
+                "on: shorten the prompt or remove the row"
+            )
 
 
 def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool) -> TRLSFTConfig:
