@@ -115,7 +115,8 @@ space := $(empty) $(empty)
 round_dir = $(RUN)/round-$(1)
 round_prev = $(if $(filter 2,$(1)),$(RUN),$(RUN)/round-$(shell expr $(1) - 1))
 round_labels = $(subst $(space),$(comma),$(strip $(foreach r,$(shell seq 2 $(1)),$(RUN)/round-$(r)/label/rankings.jsonl)))
-round_args = run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo rm.init=$(RUN)/sft \
+round_args = run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo \
+	label.reward_model=$(call round_prev,$(1))/rm rm.init=$(RUN)/sft \
 	rm.extra_train=[$(call round_labels,$(1))] rm.policy_samples=$(call round_prev,$(1))/ppo \
 	ppo.init=$(if $(filter last,$(ROUND_FROM)),$(call round_prev,$(1))/ppo,$(RUN)/sft) ppo.reference=$(RUN)/sft \
 	ppo.reward_model=$(call round_dir,$(1))/rm

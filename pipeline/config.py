@@ -426,6 +426,11 @@ class LabelConfig:
     batch_size: int = _f(64, help="Prompts per generation batch (each with its k samples).", ge=1)
     seed: int | None = _f(None, help="Seed of the prompt draw, the samples and the labeler noise; null = seed.",
                           ge=0)
+    reward_model: str | None = _f(
+        None, help="The reward model that judged this policy (e.g. the last round's rm output): its gold agreement "
+        "on the policy's held-out samples (the policy dir's samples.jsonl) is reported as rm_gold_agreement, the "
+        "number a new round of labels should raise (make iterate sets it); null = not measured.",
+    )
     labeler: Literal["gold", "human"] = _f(
         "human", help="gold: the gold reward ranks (needs gold_reward) into rankings.jsonl; human: only the "
         "to-label file is written, people rank it on the page of `python -m pipeline label --serve`.",

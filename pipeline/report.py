@@ -352,6 +352,7 @@ class Round:
     name: str
     ppo_dir: Path
     labels: int | None  # rankings this round added (the label stage's), None for round 1 / the oracle
+    rm_agreement_before: float | None  # the previous round's RM on those samples (the label stage measures it)
     rm_agreement: float | None  # this round's RM vs gold on the samples of the policy this round starts from
     gold_init: float | None  # held-out gold of the SFT policy
     gold: float | None  # held-out gold of this round's PPO policy
@@ -379,7 +380,8 @@ def load_rounds(run_dir: Path) -> list[Round]:
         agreement = None
         if rm is not None:  # round 1 starts from SFT; round r from round r-1's policy (rm.policy_samples)
             agreement = rm.get("eval/gold_agreement_policy_samples", rm.get("eval/gold_agreement_sft_samples"))
-        rounds.append(Round(name, d / "ppo", label.get("rankings") if label else None, agreement,
+        rounds.append(Round(name, d / "ppo", label.get("rankings") if label else None,
+                            label.get("rm_gold_agreement") if label else None, agreement,
                             ppo.get("eval/gold_score_init"), ppo.get("eval/gold_score"),
                             ppo.get("eval/kl_to_sft", ppo.get("eval/kl"))))
     return rounds
@@ -387,15 +389,18 @@ def load_rounds(run_dir: Path) -> list[Round]:
 
 def rounds_lines(rounds: Sequence[Round]) -> list[str]:
     """The rounds side by side as text (`make iterate` prints it)."""
-    head = f"{'':<22}{'new rankings':>13}{'RM-gold agreement':>19}{'held-out gold':>15}{'gain':>9}{'KL to SFT':>11}"
+    head = (f"{'':<22}{'new rankings':>13}{'RM-gold agreement':>19}{'(previous RM)':>15}{'held-out gold':>15}"
+            f"{'gain':>9}{'KL to SFT':>11}")
     lines = [head]
     for r in rounds:
-        cells = [_fmt_opt(r.labels, "d"), _fmt_opt(r.rm_agreement), _fmt_opt(r.gold), _fmt_opt(r.gain, "+.4f"),
-                 _fmt_opt(r.kl, ".3f")]
-        lines.append(f"{r.name:<22}{cells[0]:>13}{cells[1]:>19}{cells[2]:>15}{cells[3]:>9}{cells[4]:>11}")
+        cells = [_fmt_opt(r.labels, "d"), _fmt_opt(r.rm_agreement), _fmt_opt(r.rm_agreement_before),
+                 _fmt_opt(r.gold), _fmt_opt(r.gain, "+.4f"), _fmt_opt(r.kl, ".3f")]
+        lines.append(f"{r.name:<22}{cells[0]:>13}{cells[1]:>19}{cells[2]:>15}{cells[3]:>15}{cells[4]:>9}"
+                     f"{cells[5]:>11}")
     if rounds and rounds[0].gold_init is not None:
         lines.append(f"SFT policy held-out gold: {rounds[0].gold_init:.4f}. RM-gold agreement: the round's reward "
-                     "model on held-out samples of the policy the round starts from (round 1: SFT).")
+                     "model on held-out samples of the policy the round starts from (round 1: SFT); previous RM: "
+                     "the last round's reward model on the same samples.")
     return lines
 
 
@@ -404,15 +409,17 @@ def _rounds_html(rounds: Sequence[Round]) -> list[str]:
         return []
     rows = "".join(
         f"<tr><td>{_e(r.name)}</td><td class='num'>{_fmt_opt(r.labels, 'd')}</td>"
-        f"<td class='num'>{_fmt_opt(r.rm_agreement)}</td><td class='num'>{_fmt_opt(r.gold)}</td>"
+        f"<td class='num'>{_fmt_opt(r.rm_agreement)}</td><td class='num'>{_fmt_opt(r.rm_agreement_before)}</td>"
+        f"<td class='num'>{_fmt_opt(r.gold)}</td>"
         f"<td class='num'>{_fmt_opt(r.gain, '+.4f')}</td><td class='num'>{_fmt_opt(r.kl, '.3f')}</td></tr>"
         for r in rounds)
     return ["<h2>RLHF rounds</h2>",
             "<p>Round 1 is the chain (reward model on the profile's rankings); each later round ranks samples of the "
             "previous round's policy, retrains the reward model from SFT on all rankings so far and runs PPO again "
             "(<code>make iterate</code>). RM-gold agreement: the round's reward model on held-out samples of the "
-            "policy the round starts from.</p>",
-            "<table><tr><th>round</th><th>new rankings</th><th>RM-gold agreement</th><th>held-out gold</th>"
+            "policy the round starts from, and the previous round's reward model on the same samples.</p>",
+            "<table><tr><th>round</th><th>new rankings</th><th>RM-gold agreement</th><th>previous RM</th>"
+            "<th>held-out gold</th>"
             f"<th>gain over SFT</th><th>KL to SFT</th></tr>{rows}</table>"]
 
 

@@ -142,6 +142,11 @@ def test_label_stage_end_to_end_then_rm_trains_on_it(
                                     "rm.max_steps=3", "rm.batch_size=4", run_dir=run))
     assert (run / "rm" / "summary.json").is_file() and math.isfinite(rm_metrics["train/loss"])
 
+    # label.reward_model: the reward model that judged the policy, checked on the policy's held-out samples by
+    # the rm stage's own measure (here that RM judging the SFT samples it already reported on).
+    judged = label.run(make_config(*args, f"label.reward_model={run / 'rm'}", run_dir=tmp_path / "judged"))
+    assert judged["rm_gold_agreement"] == pytest.approx(rm_metrics["eval/gold_agreement_sft_samples"])
+
     # Rebuilding a human-labeled stage never drops people's rankings.
     human = make_config(*args, "label.labeler=human", run_dir=tmp_path / "human")
     label.run(human)

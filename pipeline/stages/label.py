@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
@@ -35,7 +36,7 @@ from pipeline.checkpoint import StageOutput, build_summary, write_jsonl
 from pipeline.config import Config, ConfigError, GenerationEvalConfig, LabelConfig, stage_key, to_dict
 from pipeline.data import load_prompts
 from pipeline.evaluation import Sample, check_gold_covers, gold_function, render_prompt, sample_completions
-from pipeline.modeling import load_stage_model
+from pipeline.modeling import context_length, load_reward_model, load_stage_model
 
 log = logging.getLogger(__name__)
 STAGE = "label"
@@ -86,6 +87,10 @@ def run(cfg: Config) -> dict[str, Any]:
         rankings, ranked = _gold_label(items, lab, seed)
         write_jsonl(final / "rankings.jsonl", rankings)
         metrics.update(ranked)
+    if lab.reward_model and gold is not None:
+        agreement = _judge_agreement(lab.reward_model, Path(policy), state)
+        if agreement is not None:
+            metrics["rm_gold_agreement"] = agreement
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, policy=policy, prompts=source)
     out.commit(summary)
     log.info("label: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -97,6 +102,20 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("label: wrote %s; train on it with make rm ARGS=\"rm.data.train=%s\"", out.final_dir,
                  out.final_dir / "rankings.jsonl")
     return metrics
+
+
+def _judge_agreement(reward_model: str, policy_dir: Path, state: PartialState) -> float | None:
+    """How well the reward model that judged this policy orders its held-out samples like the gold reward (the
+    rm stage's own measure, on the policy dir's samples.jsonl): low means the policy outran its reward model."""
+    from pipeline.stages.rm import samples_agreement, score_rankings
+
+    model, tokenizer = load_reward_model(reward_model)
+    model.to(state.device)
+    summary = Path(reward_model) / "summary.json"  # score at the length the reward model was trained with
+    trained = json.loads(summary.read_text()).get("config", {}).get("rm", {}) if summary.is_file() else {}
+    max_length = trained.get("max_length") or context_length(model) or 512
+    return samples_agreement(lambda rankings: score_rankings(model, rankings, tokenizer.pad_token_id, 16, state),
+                             tokenizer, policy_dir, max_length)
 
 
 def _policy(cfg: Config) -> tuple[str, str | None]:

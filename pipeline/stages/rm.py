@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         metrics.update({k.replace("eval_", "eval/"): v for k, v in final.items()})
         table = trainer.score_table(rewards[: r.num_table_prompts])
     for name, policy_dir in (("sft", init), ("policy", r.policy_samples)):
-        agreement = _samples_agreement(Path(policy_dir), trainer, gold, r) if policy_dir else None
+        agreement = (samples_agreement(trainer.score, trainer.processing_class, Path(policy_dir), r.max_length)
+                     if policy_dir and gold is not None else None)
         if agreement is not None:
             metrics[f"eval/gold_agreement_{name}_samples"] = agreement
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
@@ -460,22 +461,28 @@ def _mean_reward(trainer: RankingTrainer, examples: list[Ranking]) -> float:
     return sum(r[0] for r in rewards) / len(rewards)
 
 
-def _samples_agreement(policy_dir: Path, trainer: RankingTrainer, gold: GoldFn | None, r: RMConfig) -> float | None:
-    """Gold agreement on what a policy actually produces: a policy stage's held-out samples (samples.jsonl).
+def samples_agreement(
+    score: Callable[[list[Ranking]], list[list[float]]], tokenizer: PreTrainedTokenizerBase, policy_dir: Path,
+    max_length: int,
+) -> float | None:
+    """Gold agreement on what a policy actually produces: a policy stage's held-out samples (samples.jsonl,
+    with their gold scores), each prompt's samples ranked by `score` (a reward model's rewards).
 
     The held-out rankings were written by hand (or by the tiny task's generator); PPO optimizes against
     the RM on the policy's own samples, where it matters most that the RM orders them like the gold: the
     SFT policy's before PPO, and in a later RLHF round the last PPO policy's, which drifted away from both.
+    None when the samples have no gold scores or are chat-templated.
     """
     path = policy_dir / "samples.jsonl"
-    if gold is None or not path.is_file():
+    if not path.is_file():
         return None
     if json.loads((path.parent / "summary.json").read_text()).get("conversational"):
         return None  # samples.jsonl keeps the plain user turn, not the chat-templated text the RM scores
-    tokenizer = trainer.processing_class
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for line in path.read_text().splitlines():
         row = json.loads(line)
+        if row.get("gold") is None:
+            return None
         by_prompt[row["prompt"]].append(row)
     rankings, golds = [], []
     for prompt, rows in by_prompt.items():
@@ -484,11 +491,12 @@ def _samples_agreement(policy_dir: Path, trainer: RankingTrainer, gold: GoldFn |
         for row in rows:
             c = _tokenize([row["completion"]], tokenizer)[0]
             # An unfinished sample is scored as PPO will score it: without an EOS.
-            seq, _ = _fit(p, c, tokenizer.eos_token_id, r.max_length)
+            seq, _ = _fit(p, c, tokenizer.eos_token_id, max_length)
             ids.append(seq if row["ended"] else seq[:-1])
         rankings.append(Ranking(prompt, [x["completion"] for x in rows], [1] * len(rows), ids, []))
         golds.append([x["gold"] for x in rows])
-    rewards = trainer.score(rankings)
-    metrics = ranking_metrics(rewards, [x.ranks for x in rankings], golds)
+    if not rankings:  # e.g. sft.generation.num_prompts=0: no samples to judge
+        return None
+    metrics = ranking_metrics(score(rankings), [x.ranks for x in rankings], golds)
     return metrics.get("gold_agreement")
 
