@@ -27,6 +27,7 @@ Blocks run in README order in one checkout, as a reader following the README wou
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -174,3 +175,27 @@ def test_readme_block_runs(block: Block, checkout: Checkout) -> None:
         run_in(checkout, [str(checkout.path / ".venv" / "bin" / "python"), script.name], block.id)
     else:
         run_in(checkout, ["bash", "-c", SHELL_PREAMBLE + block.code], block.id)
+
+
+def test_make_iterate_is_one_dag(checkout: Checkout) -> None:
+    """`make iterate`: round 2 is built from the chain, a second call runs no stage, and the table names it."""
+    if not checkout.chain_built:
+        run_in(checkout, ["make", "ppo"], "building the tiny chain (make ppo)")
+        checkout.chain_built = True
+
+    def make_iterate() -> str:
+        result = subprocess.run(["make", "iterate"], cwd=checkout.path, env=checkout.env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    first = make_iterate()
+    round2 = checkout.path / "runs" / "tiny" / "round-2"
+    for stage in ("label", "rm", "ppo"):
+        assert f"-m pipeline {stage} " in first and (round2 / stage / "summary.json").is_file(), stage
+    rm_summary = json.loads((round2 / "rm" / "summary.json").read_text())
+    assert rm_summary["config"]["rm"]["extra_train"] == ["runs/tiny/round-2/label/rankings.jsonl"]
+    assert rm_summary["config"]["rm"]["init"] == "runs/tiny/sft"
+    assert "round 2" in first and "round 1" in first  # the rounds table
+    second = make_iterate()
+    assert not re.search(r"-m pipeline (pretrain|sft|rm|ppo|label) ", second), second
