@@ -72,7 +72,7 @@ $(RUN)/pretrain/summary.json: $(RUN)/.stamps/pretrain.json pipeline/stages/pretr
 $(RUN)/sft/summary.json: $(RUN)/pretrain/summary.json $(RUN)/.stamps/sft.json pipeline/stages/sft.py
 	$(LAUNCH) pipeline sft --config $(CONFIG) $(ARGS)
 
-$(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/stages/rm.py
+$(RUN)/rm/summary.json: $(RUN)/sft/summary.json $(RUN)/.stamps/rm.json pipeline/stages/rm.py pipeline/ranking.py
 	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS)
 
 $(RUN)/ppo/summary.json: $(RUN)/sft/summary.json $(RUN)/rm/summary.json $(RUN)/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
@@ -128,7 +128,7 @@ $(call round_dir,$(1))/.stamps/%.json: FORCE $(STAMP)
 $(call round_dir,$(1))/label/summary.json: $(call round_prev,$(1))/ppo/summary.json $(call round_dir,$(1))/.stamps/label.json pipeline/stages/label.py pipeline/labeling.py
 	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 
-$(call round_dir,$(1))/rm/summary.json: $(RUN)/sft/summary.json $(call round_dir,$(1))/label/summary.json $(call round_dir,$(1))/.stamps/rm.json pipeline/stages/rm.py
+$(call round_dir,$(1))/rm/summary.json: $(RUN)/sft/summary.json $(call round_dir,$(1))/label/summary.json $(call round_dir,$(1))/.stamps/rm.json pipeline/stages/rm.py pipeline/ranking.py
 	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/ppo/summary.json: $(call round_dir,$(1))/rm/summary.json $(call round_dir,$(1))/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py

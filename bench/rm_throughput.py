@@ -34,7 +34,8 @@ from trl.trainer.utils import disable_dropout_in_model
 from pipeline.config import DataConfig, ModelConfig, RMConfig, TokenizerConfig
 from pipeline.data import load_rankings, ranking_pairs
 from pipeline.modeling import build_tiny_model, build_tiny_tokenizer, ensure_distinct_pad, load_reward_model
-from pipeline.stages.rm import RankingCollator, RankingTrainer, encode_rankings
+from pipeline.ranking import RankingCollator, encode_rankings
+from pipeline.stages.rm import RankingTrainer
 
 
 def parse() -> argparse.Namespace:

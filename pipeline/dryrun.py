@@ -13,7 +13,7 @@ tiny profile is the byte-level BPE trained in memory on `tokenizer.train_data` e
 The model's context length comes from its `config.json` (or `model.tiny.n_positions`).
 
 Everything that shapes the tokens comes from the stage modules (`load_data`, `sft.prepare_examples`, which
-runs TRL's own SFT preparation, `rm.encode_rankings`, `rollout.encode_prompts`, `data.pack_corpus`'s two
+runs TRL's own SFT preparation, `ranking.encode_rankings`, `rollout.encode_prompts`, `data.pack_corpus`'s two
 halves), so a dry run cannot show something else than what trains.
 """
 
@@ -33,6 +33,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase, default_data_collator
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from pipeline import ranking
 from pipeline.config import Config, ConfigError
 from pipeline.data import pack_tokenized, tokenize_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
@@ -317,8 +318,8 @@ def _rm(cfg: Config, p: Printer) -> None:
     if eval_rows is not None:
         check_gold_covers(gold_function(cfg.gold_reward), [{"prompt": x} for x in eval_rows["prompt"]], tokenizer,
                           "rm.data.eval")
-    train = rm.encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train")
-    held_out = rm.encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval") if eval_rows else []
+    train = ranking.encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train")
+    held_out = ranking.encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval") if eval_rows else []
     p("each completion is read as prompt + completion + EOS; the reward is the scalar head's output at that EOS")
     _rankings_report(p, "rm.data.train", r.data.train, train, r.max_length)
     if eval_rows is None:
@@ -329,7 +330,7 @@ def _rm(cfg: Config, p: Printer) -> None:
     if demos is None:
         p("normalization: none (rm.normalize_data and sft.data.eval are null): rewards stay unnormalized")
     else:
-        examples = rm.encode_demonstrations(demos, tokenizer, r.max_length)
+        examples = ranking.encode_demonstrations(demos, tokenizer, r.max_length)
         lengths = [len(x.input_ids[0]) for x in examples]
         p(f"normalization data (the reward is shifted so these average 0): {demo_source}")
         p(f"  demonstrations: {len(examples):,}; tokens: {_stats(lengths)}; "
@@ -337,7 +338,7 @@ def _rm(cfg: Config, p: Printer) -> None:
 
     # The first prompt's completions, collated exactly as a training batch.
     example = train[0]
-    batch = rm.RankingCollator(tokenizer.pad_token_id)([example])
+    batch = ranking.RankingCollator(tokenizer.pad_token_id)([example])
     ids = batch["input_ids"]
     # Where the reward is read: the sequence-classification head pools the last non-padding token
     # (transformers' rule: the last position whose id is not config.pad_token_id).
@@ -365,7 +366,7 @@ def _rm(cfg: Config, p: Printer) -> None:
         p.block(text, indent="      | ")
 
 
-def _rankings_report(p: Printer, key: str, source: str, rankings: Sequence[rm.Ranking], max_length: int) -> None:
+def _rankings_report(p: Printer, key: str, source: str, rankings: Sequence[ranking.Ranking], max_length: int) -> None:
     ks = Counter(len(x.completions) for x in rankings)
     pairs = sum(len(x.pairs) for x in rankings)
     ties = sum(len(x.completions) * (len(x.completions) - 1) // 2 - len(x.pairs) for x in rankings)

@@ -25,8 +25,8 @@ from pipeline.modeling import (
     ensure_distinct_pad,
     shift_reward,
 )
+from pipeline.ranking import Ranking, RankingCollator, fit, ranking_metrics
 from pipeline.stages import rm
-from pipeline.stages.rm import Ranking, RankingCollator, _fit, ranking_metrics
 
 # ------------------------------------------------------------------------------------------ batching
 
@@ -48,12 +48,12 @@ def test_collator_puts_whole_prompts_in_one_batch_with_offset_pairs() -> None:
 
 def test_fit_cuts_the_prompt_start_first_and_always_keeps_the_eos() -> None:
     eos = 0
-    assert _fit([1, 2, 3], [4, 5], eos, 10) == ([1, 2, 3, 4, 5, 0], False)
-    assert _fit([1, 2, 3], [4, 5], eos, 4) == ([3, 4, 5, 0], True)
-    assert _fit([1, 2, 3], [4, 5, 6, 7, 8], eos, 4) == ([4, 5, 6, 0], True)
+    assert fit([1, 2, 3], [4, 5], eos, 10) == ([1, 2, 3, 4, 5, 0], False)
+    assert fit([1, 2, 3], [4, 5], eos, 4) == ([3, 4, 5, 0], True)
+    assert fit([1, 2, 3], [4, 5, 6, 7, 8], eos, 4) == ([4, 5, 6, 0], True)
     # A prompt that fits whole stays whole, however close to max_length (room between len and 2 * len)
-    assert _fit([1, 2, 3, 4, 5, 6, 7], [8, 9], eos, 12) == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0], False)
-    ids, cut = _fit(list(range(300)), list(range(1000, 1200)), eos, 512)
+    assert fit([1, 2, 3, 4, 5, 6, 7], [8, 9], eos, 12) == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0], False)
+    ids, cut = fit(list(range(300)), list(range(1000, 1200)), eos, 512)
     assert (len(ids), cut) == (501, False)
 
 

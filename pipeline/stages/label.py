@@ -37,6 +37,7 @@ from pipeline.config import Config, ConfigError, GenerationEvalConfig, LabelConf
 from pipeline.data import load_prompts
 from pipeline.evaluation import Sample, check_gold_covers, gold_function, render_prompt, sample_completions
 from pipeline.modeling import context_length, load_reward_model, load_stage_model
+from pipeline.ranking import samples_agreement, score_rankings
 
 log = logging.getLogger(__name__)
 STAGE = "label"
@@ -107,8 +108,6 @@ def run(cfg: Config) -> dict[str, Any]:
 def _judge_agreement(reward_model: str, policy_dir: Path, state: PartialState) -> float | None:
     """How well the reward model that judged this policy orders its held-out samples like the gold reward (the
     rm stage's own measure, on the policy dir's samples.jsonl): low means the policy outran its reward model."""
-    from pipeline.stages.rm import samples_agreement, score_rankings
-
     model, tokenizer = load_reward_model(reward_model)
     model.to(state.device)
     summary = Path(reward_model) / "summary.json"  # score at the length the reward model was trained with
