@@ -89,6 +89,7 @@ def test_sampling_options_and_seed_are_those_of_generate(sft_dir: Path) -> None:
     assert again.stdout == result.stdout  # a scripted session repeats exactly
 
 
+@pytest.mark.slow  # a chat-template SFT of its own: make test-all
 def test_chat_policy_keeps_the_conversation_in_its_template_and_reset_forgets_it(chat_sft_dir: Path) -> None:
     result = chat(chat_sft_dir, "count to two\ncount to three\n/reset\ncount to four\n", "--greedy",
                   "--show-prompt", "--max-new-tokens", "6")
@@ -109,6 +110,7 @@ def test_chat_policy_keeps_the_conversation_in_its_template_and_reset_forgets_it
     assert result.stdout.startswith(f"{first}\n{second}\n")
 
 
+@pytest.mark.slow  # a chat-template SFT of its own: make test-all
 def test_a_conversation_longer_than_the_context_loses_its_earliest_turns(chat_sft_dir: Path) -> None:
     # 256 positions, 236 of them reserved for the reply: the prompt may take 20 tokens, about one exchange.
     result = chat(chat_sft_dir, "count to two\ncount to three\ncount to four\n", "--greedy", "--show-prompt",

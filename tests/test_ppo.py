@@ -154,6 +154,7 @@ def test_ptx_coef_zero_is_plain_ppo(make_config: Callable[..., Config], sft_dir:
     assert not any("ppo/ptx_loss" in r for r in history)
 
 
+@pytest.mark.slow
 def test_oracle_run_maximizes_the_gold_reward_and_a_separate_reference_anchors_the_kl(
     make_config: Callable[..., Config], sft_dir: Path, rm_dir: Path, tmp_path: Path
 ) -> None:

@@ -164,7 +164,10 @@ def run_in(checkout: Checkout, argv: list[str], what: str) -> None:
         f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
+# The blocks that need the chain are slow (make test-all): building it and running the README's stage commands
+# costs minutes; the blocks that run on their own (CLI, dry run, env, ...) stay in make test.
+@pytest.mark.parametrize("block", [pytest.param(b, marks=pytest.mark.slow) if b.tag == "chain" else b
+                                   for b in RUNNABLE], ids=[b.id for b in RUNNABLE])
 def test_readme_block_runs(block: Block, checkout: Checkout) -> None:
     if block.tag == "chain" and not checkout.chain_built:
         run_in(checkout, ["make", "ppo"], "building the tiny chain for the README (make ppo)")
@@ -177,6 +180,7 @@ def test_readme_block_runs(block: Block, checkout: Checkout) -> None:
         run_in(checkout, ["bash", "-c", SHELL_PREAMBLE + block.code], block.id)
 
 
+@pytest.mark.slow
 def test_make_iterate_is_one_dag(checkout: Checkout) -> None:
     """`make iterate`: round 2 is built from the chain, a second call runs no stage, and the table names it."""
     if not checkout.chain_built:

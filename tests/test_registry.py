@@ -382,6 +382,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # trains sft and rm twice (native and foreign files): make test-all
 def test_sft_and_rm_train_from_foreign_files_through_the_registry(
     tmp_path: Path, small_data: dict[str, Path], make_config: Callable[..., Config]
 ) -> None:

@@ -190,6 +190,7 @@ def test_interrupted_zero3_ppo_resumes_and_matches_the_uninterrupted_run(
     assert_ppo_matches(chain["run"] / "ppo", tmp_path / "ppo")
 
 
+@pytest.mark.slow  # make test keeps the ZeRO-3 PPO test; the Trainer stages under ZeRO-3 run in make test-all
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "rm"])
 def test_trainer_stages_under_zero3_on_two_processes_match_one_process(
     chain: dict[str, Any], tmp_path: Path, stage: str
