@@ -69,6 +69,8 @@ def run(cfg: Config) -> dict[str, Any]:
     out.prepare(is_main=state.is_main_process)
     rendered = [render_prompt(r, tokenizer) for r in rows]
     samples = _sample(model, tokenizer, [text for text, _ in rendered], lab, seed, state)
+    # The judging reward model scores across processes (every rank takes part), before only the main one writes.
+    agreement = _judge_agreement(lab.reward_model, Path(policy), state) if lab.reward_model and gold else None
     if not state.is_main_process:
         return {}
 
@@ -88,10 +90,8 @@ def run(cfg: Config) -> dict[str, Any]:
         rankings, ranked = _gold_label(items, lab, seed)
         write_jsonl(final / "rankings.jsonl", rankings)
         metrics.update(ranked)
-    if lab.reward_model and gold is not None:
-        agreement = _judge_agreement(lab.reward_model, Path(policy), state)
-        if agreement is not None:
-            metrics["rm_gold_agreement"] = agreement
+    if agreement is not None:
+        metrics["rm_gold_agreement"] = agreement
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, policy=policy, prompts=source)
     out.commit(summary)
     log.info("label: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
