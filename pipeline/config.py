@@ -628,13 +628,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(_yaml_error(path, e)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-    raw = _with_includes(raw, path)
+    raw = _with_includes(_read_mapping(path), path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -646,6 +640,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg.run_dir = f"runs/{cfg.profile}"
     check_data_keys(cfg)
     return cfg
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file of config keys (a profile, or a file it includes): one clear error if it is not one."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(path, e)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return raw
 
 
 def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
@@ -676,12 +681,7 @@ def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         part_path = Path(name).expanduser()
         if not part_path.is_file():
             raise ConfigError(f"{path}: include '{name}': no such file (paths are relative to the current directory)")
-        try:
-            part = yaml.safe_load(part_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(_yaml_error(part_path, e)) from None
-        if not isinstance(part, dict):
-            raise ConfigError(f"{part_path}: the top level must be a mapping of config keys")
+        part = _read_mapping(part_path)
         if "include" in part:
             raise ConfigError(f"{part_path}: an included file cannot include others")
         _merge(merged, part)
