@@ -164,6 +164,43 @@ class ModelConfig:
         "float32", help="Weights dtype when loading a pretrained model."
     )
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of name_or_path.")
+    load_in_4bit: bool = _f(
+        False, help="QLoRA: the frozen base of the LoRA stages (sft, rm, ppo with <stage>.lora.r > 0) is loaded in "
+        "4-bit (bitsandbytes); the trained adapter stays in full precision and the saved model is merged into a "
+        "full-precision copy of the base.",
+    )
+    load_in_8bit: bool = _f(False, help="Like load_in_4bit, with bitsandbytes' 8-bit weights (LLM.int8).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", help="4-bit data type (QLoRA's NormalFloat4 = nf4).")
+    bnb_4bit_use_double_quant: bool = _f(True, help="Quantize the 4-bit quantization constants too (QLoRA).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "bfloat16", help="Dtype the 4-bit weights are dequantized to for each matmul (float32 on CPUs without bf16).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """LoRA adapters (peft) instead of full fine-tuning: only the low-rank matrices (and modules_to_save) train."""
+
+    r: int = _f(0, help="Rank of the LoRA matrices; 0 = full fine-tuning (no adapter).", ge=0)
+    alpha: float = _f(16.0, help="LoRA scaling numerator: the update is (alpha / r) * B A.", gt=0)
+    dropout: float = _f(0.05, help="Dropout on the adapter's input (turned off in ppo with ppo.disable_dropout).",
+                        ge=0, lt=1)
+    target_modules: list[str] | None = _f(
+        None, help="Module names that get an adapter (e.g. [q_proj, v_proj]); null = every linear layer of the "
+        "transformer blocks (peft's all-linear, QLoRA's choice), the output head excluded.",
+    )
+    modules_to_save: list[str] = _f(
+        factory=list, help="Modules trained in full besides the adapters (e.g. [embed_tokens]); the reward "
+        "model's scalar head (score) always is.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
 
 
 @dataclass(kw_only=True)
@@ -251,6 +288,7 @@ class SFTConfig(TrainConfig):
     generation: GenerationEvalConfig = _f(
         factory=GenerationEvalConfig, help="Sampled-generation eval of the initial and final model."
     )
+    lora: LoRAConfig = _f(factory=LoRAConfig, help="LoRA / QLoRA adapter instead of full fine-tuning (lora.r > 0).")
 
 
 @dataclass(kw_only=True)
@@ -292,6 +330,7 @@ class RMConfig(TrainConfig):
         "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
         "samples of rm.init are always checked (eval/gold_agreement_sft_samples).",
     )
+    lora: LoRAConfig = _f(factory=LoRAConfig, help="LoRA / QLoRA adapter (lora.r > 0); the scalar head trains in full.")
 
 
 @dataclass(kw_only=True)
@@ -387,6 +426,11 @@ class PPOConfig:
     save_total_limit: int = _f(2, help="Checkpoints kept while the stage runs.", ge=1)
     disable_dropout: bool = _f(True, help="Turn dropout off in every model, so rollout and training log-probs agree.")
     bf16: bool = _f(False, help="Mixed precision in bfloat16 (GPUs that support it).")
+    gradient_checkpointing: bool = _f(False, help="Trade compute for activation memory in the PPO update.")
+    # With LoRA one base model is in memory: the policy and the value model are adapters on it, the KL
+    # reference is the base with the adapters off, and an RM trained with rm.lora on the same SFT model is a
+    # frozen adapter on it too (pipeline/peft_models.py).
+    lora: LoRAConfig = _f(factory=LoRAConfig, help="LoRA / QLoRA (lora.r > 0): one base model in memory.")
 
     def __post_init__(self) -> None:
         if self.rollout_batch_size % self.minibatch_size:
@@ -483,13 +527,17 @@ class Config:
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "label")
 
+# How the LoRA stages load their frozen base (QLoRA): part of what sft, rm and ppo produce.
+QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit", "model.bnb_4bit_quant_type",
+                     "model.bnb_4bit_use_double_quant", "model.bnb_4bit_compute_dtype")
+
 # The top-level keys besides its own section that shape each stage's result. They decide when an
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "tokenizer"),
-    "sft": ("seed", "gold_reward"),
-    "rm": ("seed", "gold_reward"),
-    "ppo": ("seed", "gold_reward"),
+    "sft": ("seed", "gold_reward", *QUANTIZATION_KEYS),
+    "rm": ("seed", "gold_reward", *QUANTIZATION_KEYS),
+    "ppo": ("seed", "gold_reward", *QUANTIZATION_KEYS),
     "label": ("seed", "gold_reward"),
 }
 
@@ -499,13 +547,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets"),
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", *QUANTIZATION_KEYS),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
     "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "sft.data.eval",
-           "sft.data.skip_invalid"),
+           "sft.data.skip_invalid", *QUANTIZATION_KEYS),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
     "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
-            "pretrain.data.eval"),
+            "pretrain.data.eval", *QUANTIZATION_KEYS),
     # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
     "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train"),
 }
@@ -518,11 +566,17 @@ def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
     read it, and no other.
     """
     d = to_dict(cfg)
-    key = {k: d[k] for k in (*STAGE_INPUTS[stage], stage)}
+    key = {k: _lookup(d, k) for k in (*STAGE_INPUTS[stage], stage)}
     used = sorted({s.value for s in data_sources(cfg, stage) if s.entry is not None})
     if used:
         key["datasets"] = {name: d["datasets"][name] for name in used}
     return key
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
 
 
 # --------------------------------------------------------------------------------------------- data keys
