@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GPT2Config,
     GPT2LMHeadModel,
     PretrainedConfig,
@@ -135,13 +137,16 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def load_causal_lm(
     name_or_path: str, dtype: str = "float32", revision: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None, make_target: str | None = None,
+    quantization: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or `tokenizer`.
-    `make_target` builds the directory (named when its weights are corrupted)."""
+    `make_target` builds the directory (named when its weights are corrupted); `quantization` loads the weights
+    in 4 or 8 bits (QLoRA's frozen base, see pipeline/lora.py)."""
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
+                                                     **_quantized(quantization))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}") from None
     except SafetensorError as e:
@@ -176,10 +181,21 @@ def load_base_tokenizer(
     return load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
 
 
-def load_stage_model(path: str | Path, make_target: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_stage_model(
+    path: str | Path, make_target: str | None = None, quantization: BitsAndBytesConfig | None = None,
+    dtype: str = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a previous stage's output, with an error that says which `make` target builds it."""
     _require_finished(path, make_target)
-    return load_causal_lm(str(path), make_target=make_target)
+    return load_causal_lm(str(path), dtype=dtype, make_target=make_target, quantization=quantization)
+
+
+def _quantized(quantization: BitsAndBytesConfig | None) -> dict[str, Any]:
+    """`from_pretrained` arguments for a bitsandbytes-quantized load: on the process's own GPU, or the CPU."""
+    if quantization is None:
+        return {}
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def _require_finished(path: str | Path, make_target: str | None) -> None:
@@ -210,7 +226,8 @@ def _corrupt_weights(path: str | Path, error: Exception, make_target: str | None
 
 
 def load_reward_model(
-    path: str | Path, make_target: str | None = None, dtype: str = "float32"
+    path: str | Path, make_target: str | None = None, dtype: str = "float32",
+    quantization: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence-classification model with one output (the reward) from a causal-LM or reward-model directory.
 
@@ -222,13 +239,22 @@ def load_reward_model(
     _require_finished(path, make_target)
     tokenizer = load_tokenizer(str(path))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype],
+                                                                   **_quantized(quantization))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load reward model '{path}': {_first_line(e)}") from None
     except SafetensorError as e:
         raise ModelLoadError(_corrupt_weights(path, e, make_target)) from None
     ensure_distinct_pad(model, tokenizer)
     return model, tokenizer
+
+
+def load_reward_model_tokenizer(path: str | Path, make_target: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_reward_model` pairs with the reward model at `path`, without loading the model."""
+    _require_finished(path, make_target)
+    tokenizer = load_tokenizer(str(path))
+    distinct_pad_token(tokenizer)
+    return tokenizer
 
 
 def ensure_distinct_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -297,6 +323,8 @@ def token_scores(
     the pad id). So this runs the backbone and the `score` head directly. Calling it on an unwrapped
     model skips DDP's gradient hooks: wrap it in a module that goes through `accelerator.prepare` to train.
     """
+    if hasattr(model, "token_scores"):  # a role of PPO's shared LoRA base (pipeline.lora.ScoringView)
+        return model.token_scores(input_ids, attention_mask, position_ids)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

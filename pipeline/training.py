@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from pipeline import distributed
+from pipeline import distributed, lora
 from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
 
@@ -99,18 +100,24 @@ def save_stage_output(
     out: StageOutput,
     summary: dict[str, Any],
     jsonl_files: dict[str, list[dict[str, Any]]] | None = None,
+    merge: Callable[[Path], PreTrainedModel] | None = None,
 ) -> None:
     """Write the finished stage: weights on every process, the rest on the main one, then the atomic swap.
 
     `save_model` runs on every process because under FSDP / ZeRO-3 gathering the weights is collective.
     Beside the model and tokenizer go `log_history.jsonl` (every logged metric) and any extra jsonl files;
     summary.json is written last and the directory renamed into place by `StageOutput.commit`.
+    A LoRA stage (`merge` given) saves its adapter to `adapter/` and `merge(adapter_dir)` to the top level:
+    the adapter merged into a full-precision copy of its base (pipeline/lora.py).
     """
     staging = out.begin_final()
     summary = {**summary, "distributed": distributed.describe(trainer.accelerator, model=trainer.model_wrapped)}
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    # On a peft model the Trainer saves only the adapter.
+    trainer.save_model(str(staging if merge is None else staging / lora.ADAPTER_DIR))
     if trainer.is_world_process_zero():
+        if merge is not None:
+            merge(staging / lora.ADAPTER_DIR).save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         files = {"log_history.jsonl": trainer.state.log_history, **(jsonl_files or {})}
         for name, rows in files.items():

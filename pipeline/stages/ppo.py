@@ -46,12 +46,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import distributed, rlhf, tracking
+from pipeline import distributed, lora, rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
-from pipeline.modeling import context_length, load_reward_model, load_stage_model
+from pipeline.modeling import context_length, load_reward_model, load_reward_model_tokenizer, load_stage_model
 from pipeline.rollout import Models, PolicyAndValue, Rollout, evaluate_policy, sample_batch
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,25 @@ def run(cfg: Config) -> dict[str, Any]:
     # 1. Data first: a malformed prompt or corpus row fails here, before any model is loaded.
     train_rows, eval_rows, ptx_corpus, ptx_eval_corpus = load_data(cfg)
 
-    # 2. Models: policy and reference from SFT, value model from the RM, frozen RM.
+    # 2. Models: policy and reference from SFT, value model from the RM, frozen RM. With LoRA one base model
+    #    holds them all (pipeline/lora.py): adapters for policy, value and a LoRA RM; reference = adapters off.
     init = p.init or str(cfg.stage_dir("sft"))
     rm_path = p.reward_model or str(cfg.stage_dir("rm"))
-    policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}")
-    ref_policy, _ = load_stage_model(p.reference or init)
     rm_target = None if p.reward_model else f"rm PROFILE={cfg.profile}"
-    reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target)
-    value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
+    _check_lora(cfg)
+    quantization = lora.quantization_config(cfg.model) if p.lora.enabled else None
+    policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}",
+                                         quantization=quantization)
+    rm_adapter = lora.rm_adapter(rm_path, init) if p.lora.enabled else None
+    if rm_adapter is not None:  # the RM is an adapter on the policy's base: only its tokenizer is loaded here
+        reward_model, rm_tokenizer = None, load_reward_model_tokenizer(rm_path, make_target=rm_target)
+    else:
+        reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target, quantization=quantization)
+    if p.lora.enabled:
+        ref_policy, value_model, value_tokenizer = None, None, rm_tokenizer
+    else:
+        ref_policy, _ = load_stage_model(p.reference or init)
+        value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
     _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
     if p.value_init:
@@ -93,27 +104,47 @@ def run(cfg: Config) -> dict[str, Any]:
     check_gold_covers(gold, train_rows, tokenizer, "ppo.data.train")  # rollouts are scored by it too
     train_prompts = [render_prompt(r, tokenizer) for r in train_rows]
     eval_prompts = [render_prompt(r, tokenizer) for r in eval_rows for _ in range(p.eval_samples_per_prompt)]
-    if p.disable_dropout:
+    if p.disable_dropout:  # LoRA's own dropout modules included
         for m in (policy, ref_policy, reward_model, value_model):
-            disable_dropout_in_model(m)
+            if m is not None:
+                disable_dropout_in_model(m)
 
     ptx_blocks = corpus_blocks(ptx_corpus, tokenizer, p.ptx_block_size) if ptx_corpus is not None else None
     eval_blocks = (corpus_blocks(ptx_eval_corpus, tokenizer, p.ptx_block_size)[: p.eval_corpus_blocks]
                    if ptx_eval_corpus is not None else None)
 
-    model = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
+    if p.lora.enabled:
+        model = lora.build_shared_base(policy, p.lora, p.gradient_checkpointing, rm_adapter,
+                                       None if reward_model is None else reward_model.score.weight.detach().clone(),
+                                       lora.reward_shift(rm_path) if rm_adapter else 0.0)
+    else:
+        if p.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            value_model.gradient_checkpointing_enable()
+        model = PolicyAndValue(policy, value_model)
+    trained = [t for t in model.parameters() if t.requires_grad]  # with LoRA: the two adapters and the value head
+    optimizer = torch.optim.AdamW(trained, lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
     steps_per_iteration = p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size)
     total_steps = p.iterations * steps_per_iteration
     scheduler = get_scheduler(p.lr_scheduler if not p.warmup_ratio or p.lr_scheduler == "linear"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(p.warmup_ratio * total_steps), num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # Frozen models: sharded inference engines under ZeRO-3, replicated otherwise (collective: every rank).
-    models = Models(accelerator, model, distributed.prepare_frozen(ref_policy, accelerator),
-                    distributed.prepare_frozen(reward_model, accelerator), tokenizer, p.gather_for_generation)
-    layout = distributed.describe(accelerator, trained=model, reference=models.ref_policy,
-                                  reward_model=models.reward_model)
+    # Frozen models: sharded inference engines under ZeRO-3, replicated otherwise (collective: every rank). With
+    # LoRA the reference (and a LoRA RM) are roles of the trained module itself: no second copy of the base.
+    shared = accelerator.unwrap_model(model) if p.lora.enabled else None
+    ref = shared.reference if shared is not None else distributed.prepare_frozen(ref_policy, accelerator)
+    rm = (shared.reward_model if shared is not None and reward_model is None
+          else distributed.prepare_frozen(reward_model, accelerator))
+    models = Models(accelerator, model, ref, rm, tokenizer, p.gather_for_generation)
+    frozen = {} if shared is not None else {"reference": models.ref_policy}
+    if reward_model is not None:
+        frozen["reward_model"] = models.reward_model
+    layout = distributed.describe(accelerator, trained=model, **frozen)
+    if shared is not None:
+        layout["lora"] = {"shared_base": True, "reward_model": "adapter" if reward_model is None else "separate",
+                          "quantized": "4bit" if cfg.model.load_in_4bit else "8bit" if cfg.model.load_in_8bit
+                          else None}
     log.info("ppo: %s", layout)
 
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
@@ -194,7 +225,9 @@ def run(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
-    if is_main:
+    if is_main and p.lora.enabled:
+        _save_lora(unwrapped, state_dict, staging, init, cfg.model.dtype, tokenizer, value_tokenizer)
+    elif is_main:
         unwrapped.policy.save_pretrained(
             staging, state_dict=distributed.submodule_state_dict(state_dict, "policy", unwrapped.policy)
         )
@@ -205,6 +238,7 @@ def run(cfg: Config) -> dict[str, Any]:
             state_dict=distributed.submodule_state_dict(state_dict, "value_model", unwrapped.value_model),
         )
         value_tokenizer.save_pretrained(value_dir)
+    if is_main:
         write_jsonl(staging / "log_history.jsonl", state["history"])
         write_jsonl(staging / "samples.jsonl", samples)
         out.commit(summary)
@@ -448,19 +482,56 @@ def _log_samples_table(name: str, r: Rollout, kl: torch.Tensor, n: int) -> None:
 # ------------------------------------------------------------------------------------------------- setup / save
 
 
-def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedModel, reward_model: PreTrainedModel,
-                  tokenizer: PreTrainedTokenizerBase) -> None:
-    """Fail before training when the models cannot work together."""
+def _check_lora(cfg: Config) -> None:
+    """What the one-base LoRA layout cannot do, said before any model is loaded."""
+    p = cfg.ppo
+    lora.check_quantization(cfg.model, p.lora, STAGE)
+    if not p.lora.enabled:
+        return
+    if p.reference and p.reference != (p.init or str(cfg.stage_dir("sft"))):
+        raise ConfigError("ppo.reference with ppo.lora: the KL reference is the policy's own base with the adapter "
+                          "switched off (ppo.init); set ppo.init to the reference model, or ppo.lora.r=0")
+    if p.value_init:
+        raise ConfigError("ppo.value_init with ppo.lora: the value adapter starts from the reward model's adapter "
+                          "(a LoRA reward model) or fresh; unset ppo.value_init, or ppo.lora.r=0")
+    if p.gradient_checkpointing:
+        raise ConfigError("ppo.gradient_checkpointing with ppo.lora is not supported yet: the policy and value "
+                          "adapters share one base, and a recomputation in the backward pass would run with the wrong "
+                          "adapter; turn one of them off")
+
+
+def _save_lora(shared: lora.SharedBase, state_dict: dict[str, torch.Tensor], staging: Path, init: str, dtype: str,
+               tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase) -> None:
+    """The LoRA policy as its adapter (adapter/) and merged into a full-precision copy of the SFT model (the
+    stage directory itself); the value model likewise under value_model/ (a sequence-classification model)."""
+    weights = distributed.submodule_state_dict(state_dict, "base", shared.base)
+    lora.save_adapter(shared.base, staging / lora.ADAPTER_DIR, lora.POLICY, weights)
+    lora.merge_causal_lm(init, staging / lora.ADAPTER_DIR, dtype).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    value_dir = staging / "value_model"
+    lora.save_adapter(shared.base, value_dir / lora.ADAPTER_DIR, lora.VALUE, weights)
+    value = lora.merge_reward_model(init, value_dir / lora.ADAPTER_DIR, dtype, len(value_tokenizer),
+                                    value_tokenizer.pad_token_id)
+    with torch.no_grad():
+        value.score.weight.copy_(state_dict["value_head.weight"].to(value.score.weight.dtype))
+    value.save_pretrained(value_dir)
+    value_tokenizer.save_pretrained(value_dir)
+
+
+def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedModel | None,
+                  reward_model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fail before training when the models cannot work together (with LoRA the reference, and a LoRA reward
+    model, are the policy's own base: nothing to compare)."""
     max_pos = context_length(policy)
     if max_pos and p.max_prompt_length + p.max_new_tokens > max_pos:
         raise ConfigError(f"'ppo.max_prompt_length' + 'ppo.max_new_tokens' ({p.max_prompt_length} + "
                           f"{p.max_new_tokens}) exceed the policy's context ({max_pos})")
     vocab = policy.get_input_embeddings().num_embeddings
-    rm_vocab = reward_model.get_input_embeddings().num_embeddings
+    rm_vocab = reward_model.get_input_embeddings().num_embeddings if reward_model is not None else vocab
     if rm_vocab < vocab:
         raise ConfigError(f"the reward model's vocabulary ({rm_vocab}) is smaller than the policy's ({vocab}): "
                           "'ppo.reward_model' must be trained from the same base model and tokenizer")
-    if ref_policy.get_input_embeddings().num_embeddings != vocab:
+    if ref_policy is not None and ref_policy.get_input_embeddings().num_embeddings != vocab:
         raise ConfigError(f"the KL reference {p.reference!r} has another vocabulary than the policy {p.init!r}: "
                           "'ppo.reference' must be the policy's base (e.g. the sft output)")
     if tokenizer.eos_token_id is None:

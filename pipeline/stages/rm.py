@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import rlhf, tracking
+from pipeline import lora, rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
 from pipeline.data import load_demonstrations, load_rankings
@@ -64,7 +64,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model: the SFT causal LM; transformers swaps its LM head for a fresh scalar head.
     init = r.init or str(cfg.stage_dir("sft"))
-    model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None)
+    lora.check_quantization(cfg.model, r.lora, STAGE)
+    model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None,
+                                         quantization=lora.quantization_config(cfg.model) if r.lora.enabled else None)
+    if r.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model; the scalar head trains in full
+        model = lora.wrap(model, r.lora, "SEQ_CLS", r.gradient_checkpointing)
     if r.disable_dropout:
         disable_dropout_in_model(model)
     max_pos = context_length(model)
@@ -114,7 +118,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         demo_examples = encode_demonstrations(demos, tokenizer, r.max_length)
         before = _mean_reward(trainer, demo_examples)
         normalization["shift"] = before
-        normalization["method"] = shift_reward(trainer.accelerator.unwrap_model(trainer.model), before)
+        if r.lora.enabled:  # our loaders subtract config.reward_shift; the merged model gets it in its weights
+            trainer.accelerator.unwrap_model(trainer.model).config.reward_shift = before
+            normalization["method"] = "config.reward_shift"  # until the merge (`_lora_merge`) says how
+        else:
+            normalization["method"] = shift_reward(trainer.accelerator.unwrap_model(trainer.model), before)
         metrics["rm/demo_reward_mean_before_shift"] = before
         metrics["rm/demo_reward_mean"] = _mean_reward(trainer, demo_examples)
         log.info("rm: shifted rewards by %.4f (%s); held-out demonstrations now average %.2e",
@@ -143,7 +151,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             normalization=normalization)
-    save_stage_output(trainer, tokenizer, out, summary, {"scores.jsonl": table})
+    save_stage_output(trainer, tokenizer, out, summary, {"scores.jsonl": table},
+                      merge=_lora_merge(cfg, init, tokenizer, normalization) if r.lora.enabled else None)
     # One table row per completion, so W&B can sort and filter by reward, rank or gold score.
     tracking.log_table("eval/rm_scores", SCORE_COLUMNS, [
         [row["prompt"], c, rank, reward, row["gold"][k] if "gold" in row else None]
@@ -247,6 +256,17 @@ class RankingTrainer(Trainer):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+
+
+def _lora_merge(cfg: Config, init: str, tokenizer: Any, normalization: dict[str, Any]) -> Any:
+    """The LoRA reward model's merge: adapter and head into a full-precision copy of `init`, then the
+    normalization shift put into its weights (recorded in `normalization`, which the summary holds)."""
+    def merge(adapter: Path) -> Any:
+        model = lora.merge_reward_model(init, adapter, cfg.model.dtype, len(tokenizer), tokenizer.pad_token_id)
+        if "shift" in normalization:
+            normalization["method"] = shift_reward(model, normalization["shift"])
+        return model
+    return merge
 
 
 def _mean_reward(trainer: RankingTrainer, examples: list[Ranking]) -> float:

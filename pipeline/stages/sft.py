@@ -26,7 +26,7 @@ from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.models.utils import unwrap_model_for_generation
 
-from pipeline import tracking
+from pipeline import lora, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import DataError, load_demonstrations, row_origin
@@ -56,7 +56,11 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
-    model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None)
+    lora.check_quantization(cfg.model, s.lora, STAGE)
+    model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None,
+                                        quantization=lora.quantization_config(cfg.model) if s.lora.enabled else None)
+    if s.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model
+        model = lora.wrap(model, s.lora, "CAUSAL_LM", s.gradient_checkpointing)
     max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
@@ -109,7 +113,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             conversational=conversational)
-    save_stage_output(trainer, tokenizer, out, summary, {"samples.jsonl": samples})
+    merge = (lambda adapter: lora.merge_causal_lm(init, adapter, cfg.model.dtype)) if s.lora.enabled else None
+    save_stage_output(trainer, tokenizer, out, summary, {"samples.jsonl": samples}, merge=merge)
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples])
     log.info("sft: wrote %s", out.final_dir)
     return metrics
