@@ -716,12 +716,13 @@ def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
     return f"{path}{where}: not valid YAML ({what}" + (f", {context}" if context else "") + ")"
 
 
-def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+def _with_includes(raw: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The profile merged over the YAML files its `include:` list names (relative to the current directory,
     like every other path in a profile, so a copied profile still finds them).
 
     Mappings merge key by key and the profile's own values win, so a profile can include the shipped
-    registry (configs/datasets/hub.yaml) and still override one entry's split.
+    registry (configs/datasets/hub.yaml) and still override one entry's split, or include another profile and
+    change a few keys (configs/tiny-lora.yaml).
     """
     includes = raw.pop("include", None)
     if includes is None:
@@ -735,10 +736,10 @@ def _with_includes(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         part_path = Path(name).expanduser()
         if not part_path.is_file():
             raise ConfigError(f"{path}: include '{name}': no such file (paths are relative to the current directory)")
-        part = _read_mapping(part_path)
-        if "include" in part:
-            raise ConfigError(f"{part_path}: an included file cannot include others")
-        _merge(merged, part)
+        if part_path.resolve() in (*seen, path.resolve()):
+            raise ConfigError(f"{path}: include '{name}' includes itself (directly or through another file)")
+        # Included files may include others (configs/tiny-lora.yaml includes tiny.yaml, which includes the registry).
+        _merge(merged, _with_includes(_read_mapping(part_path), part_path, (*seen, path.resolve())))
     _merge(merged, raw)
     return merged
 

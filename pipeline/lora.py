@@ -104,6 +104,7 @@ def wrap(model: PreTrainedModel, cfg: LoRAConfig, task: str, gradient_checkpoint
     k-bit training (norms in float32, input gradients on), as QLoRA does."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_trainable_4bit_layout(model)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry gradients through checkpoints
     wrapped = get_peft_model(model, peft_config(cfg, task))
@@ -111,6 +112,15 @@ def wrap(model: PreTrainedModel, cfg: LoRAConfig, task: str, gradient_checkpoint
     log.info("LoRA r=%d on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.r, len(wrapped.peft_config["default"].
              target_modules), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return wrapped
+
+
+def keep_trainable_4bit_layout(model: torch.nn.Module) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights for a faster inference kernel on the first
+    eval-mode forward and never unpacks them: a training forward after that (sft measures the model before it
+    trains) fails inside its matmul, and the repacked kernel rounds differently. Training keeps the plain layout."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def is_peft(model: Any) -> bool:
