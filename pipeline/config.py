@@ -567,6 +567,9 @@ def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
     """
     d = to_dict(cfg)
     key = {k: _lookup(d, k) for k in (*STAGE_INPUTS[stage], stage)}
+    if "model" in key and not set(QUANTIZATION_KEYS) & set(STAGE_INPUTS[stage]):
+        # pretrain trains the full model: turning QLoRA on for the later stages must not rebuild it
+        key["model"] = {k: v for k, v in key["model"].items() if f"model.{k}" not in QUANTIZATION_KEYS}
     used = sorted({s.value for s in data_sources(cfg, stage) if s.entry is not None})
     if used:
         key["datasets"] = {name: d["datasets"][name] for name in used}
