@@ -218,6 +218,10 @@ class TrainConfig:
     save_total_limit: int = _f(2, help="Training checkpoints kept while the stage runs.", ge=1)
     bf16: bool = _f(False, help="Mixed precision in bfloat16 (GPUs that support it).")
     gradient_checkpointing: bool = _f(False, help="Trade compute for activation memory.")
+    nan_policy: Literal["stop", "skip"] = _f(
+        "stop", help="A non-finite loss or gradient norm: stop the stage (the last good checkpoint stays the "
+        "newest) or skip that batch's update and count it in train/skipped_nonfinite."
+    )
 
 
 @dataclass(kw_only=True)
@@ -367,6 +371,15 @@ class PPOConfig:
     clip_range_value: float = _f(0.2, help="Values may move this far from their rollout value before clipping.",
                                  gt=0)
     vf_coef: float = _f(0.1, help="Weight of the value loss.", ge=0)
+    log_ratio_clamp: float | None = _f(
+        None, help="Clamp each token's log(π/π_old) to ±this before exp in the policy loss (OpenRLHF does); a token "
+        "whose log-ratio runs away (~100 nats) with a negative advantage otherwise makes the loss infinite. "
+        "null = off (the TRL math); 20 changes nothing in a healthy run.", gt=0
+    )
+    nan_policy: Literal["stop", "skip"] = _f(
+        "stop", help="A non-finite loss, gradient norm, reward, advantage or KL: stop the stage (the last good "
+        "checkpoint stays the newest) or skip that minibatch (or rollout) and count it in ppo/skipped_nonfinite."
+    )
     whiten_rewards: bool = _f(False, help="Scale rewards by their batch std before GAE (the mean is kept).")
     ptx_coef: float = _f(
         1.0, help="γ_ptx: weight of the pretraining LM loss on each optimizer step; 0 = plain PPO (no ptx term).",

@@ -258,7 +258,7 @@ def ppo_update(
             # are then those of one process on the combined minibatch.
             num_tokens = _global_token_count(accelerator, mask)
             pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range,
-                                                 num_tokens=num_tokens)
+                                                 num_tokens=num_tokens, log_ratio_clamp=p.log_ratio_clamp)
             vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value,
                                                num_tokens=num_tokens)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
