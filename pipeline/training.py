@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from pipeline import distributed
 from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
+from pipeline.guards import NonFiniteGuard
 
 
 def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -52,6 +53,10 @@ def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) ->
         "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,
     }
+
+
+class GuardedTrainer(NonFiniteGuard, Trainer):
+    """The transformers Trainer behind the non-finite guard (pipeline/guards.py)."""
 
 
 def loss_before_training(trainer: Trainer) -> float:
@@ -120,9 +125,13 @@ def save_stage_output(
 
 
 def final_metrics(trainer: Trainer) -> dict[str, float]:
-    """Last training loss and step count from the Trainer's state."""
+    """Last training loss and step count from the Trainer's state (and, with nan_policy: skip, the steps
+    left out for a non-finite loss or gradient)."""
     train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {
+    metrics = {
         "train/global_step": trainer.state.global_step,
         "train/loss": train_losses[-1] if train_losses else float("nan"),
     }
+    if getattr(trainer, "guard_policy", "stop") == "skip":  # steps the non-finite guard left out
+        metrics["train/skipped_nonfinite"] = trainer.skipped_nonfinite
+    return metrics

@@ -51,6 +51,7 @@ from pipeline.checkpoint import StageOutput, build_summary, write_json, write_js
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
+from pipeline.guards import PPOGuard
 from pipeline.modeling import context_length, load_reward_model, load_stage_model
 from pipeline.rollout import Models, PolicyAndValue, Rollout, evaluate_policy, sample_batch
 
@@ -124,6 +125,7 @@ def run(cfg: Config) -> dict[str, Any]:
         accelerator.load_state(resume_from)
         state = json.loads((Path(resume_from) / STATE_FILE).read_text())
         log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
+    guard = PPOGuard(p.nan_policy, out.checkpoints_dir, accelerator, state.get("skipped_nonfinite", 0))
 
     def evaluate(step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = evaluate_policy(models, eval_prompts, eval_blocks, p, gold, seed=cfg.seed + 1)
@@ -159,9 +161,15 @@ def run(cfg: Config) -> dict[str, Any]:
         advantages, returns = rlhf.gae_advantages(rewards, rollout.values, rollout.mask, p.gamma, p.lam)
         advantages = rlhf.masked_whiten(advantages, rollout.mask,
                                         **_global_moments(accelerator, advantages, rollout.mask))
+        # A NaN reward, KL or advantage would reach every weight in the update: stop (or skip this rollout).
+        if not guard.check({"reward": scores, "KL": kl, "advantage": advantages}, step, "rollout"):
+            state.update(iteration=step, skipped_nonfinite=guard.skipped)
+            continue
         # c. PPO epochs over minibatches, each optimizer step with a ptx batch
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, rollout, advantages, returns,
-                                 ptx_blocks, p, cfg.seed, iteration)
+                                 ptx_blocks, p, cfg.seed, iteration, guard=guard)
+        if p.nan_policy == "skip":
+            state["skipped_nonfinite"] = guard.skipped
         metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
         metrics.update(train_stats)
         metrics["ppo/lr"] = scheduler.get_last_lr()[0]
@@ -229,11 +237,13 @@ def ppo_update(
     p: PPOConfig,
     seed: int,
     iteration: int,
+    guard: PPOGuard | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     The shuffle is per generation chunk (`_minibatches`), so every process count forms the same global
-    minibatches from the same samples.
+    minibatches from the same samples. `guard` checks the losses before `backward` and the gradient norm
+    before `optimizer.step()`: a non-finite one stops the stage, or (nan_policy: skip) drops the minibatch.
     """
     model.train()
     context = rollout.context_length
@@ -263,8 +273,16 @@ def ppo_update(
                                                num_tokens=num_tokens)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
             loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
+            if guard is not None and not guard.check(
+                {"policy loss": pg_loss, "value loss": vf_loss, "ptx loss": ptx}, iteration + 1, "minibatch"
+            ):
+                continue
             accelerator.backward(loss)  # under DeepSpeed the engine also clips and steps here
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            # Under DeepSpeed the norm is None (the engine already stepped): only the losses are checked there.
+            if guard is not None and not guard.check({"gradient norm": grad_norm}, iteration + 1, "minibatch"):
+                optimizer.zero_grad()
+                continue
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -424,6 +442,8 @@ def _summary_metrics(final: dict[str, float], baseline: dict[str, float], state:
                      p: PPOConfig) -> dict[str, Any]:
     """Final held-out metrics, the SFT policy's as `<key>_init`, and the gains that matter."""
     metrics: dict[str, Any] = {"ppo/iterations": p.iterations, "ppo/beta": state["beta"]}
+    if p.nan_policy == "skip":  # rollouts and minibatches the non-finite guard left out
+        metrics["ppo/skipped_nonfinite"] = state.get("skipped_nonfinite", 0)
     last = next((r for r in reversed(state["history"]) if "ppo/score" in r), {})
     metrics.update({k: last[k] for k in ("ppo/score", "ppo/kl", "ppo/gold_score") if k in last})
     metrics.update(final)
