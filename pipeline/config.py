@@ -164,6 +164,10 @@ class ModelConfig:
         "float32", help="Weights dtype when loading a pretrained model."
     )
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of name_or_path.")
+    trust_remote_code: bool = _f(
+        False, help="Run Python code shipped with the model or tokenizer (its auto_map); off: only the model "
+        "classes transformers ships load. On, every stage loads with it and warns naming the model."
+    )
 
 
 @dataclass(kw_only=True)

@@ -116,6 +116,9 @@ def save_stage_output(
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
+        # The Trainer pickles its TrainingArguments beside the weights; nothing reads it (summary.json holds
+        # the resolved config) and a finished output holds no pickle anyone could be tempted to torch.load.
+        (staging / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(staging))
         files = {"log_history.jsonl": trainer.state.log_history, **(jsonl_files or {})}
         for name, rows in files.items():

@@ -77,11 +77,13 @@ def run(cfg: Config) -> dict[str, Any]:
     # 2. Models: policy and reference from SFT, value model from the RM, frozen RM.
     init = p.init or str(cfg.stage_dir("sft"))
     rm_path = p.reward_model or str(cfg.stage_dir("rm"))
-    policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}")
-    ref_policy, _ = load_stage_model(p.reference or init)
+    remote = cfg.model.trust_remote_code
+    policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}",
+                                         trust_remote_code=remote)
+    ref_policy, _ = load_stage_model(p.reference or init, trust_remote_code=remote)
     rm_target = None if p.reward_model else f"rm PROFILE={cfg.profile}"
-    reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target)
-    value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
+    reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target, trust_remote_code=remote)
+    value_model, value_tokenizer = load_reward_model(p.value_init or rm_path, trust_remote_code=remote)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
     _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
     if p.value_init:

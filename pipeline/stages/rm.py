@@ -65,7 +65,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model: the SFT causal LM; transformers swaps its LM head for a fresh scalar head.
     init = r.init or str(cfg.stage_dir("sft"))
-    model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None)
+    model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None,
+                                         trust_remote_code=cfg.model.trust_remote_code)
     if r.disable_dropout:
         disable_dropout_in_model(model)
     max_pos = context_length(model)

@@ -57,7 +57,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
-    model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None)
+    model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None,
+                                        trust_remote_code=cfg.model.trust_remote_code)
     max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
