@@ -516,15 +516,16 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets"),
+    # model.trust_remote_code: every stage loads its models with it (it changes no output).
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "model.trust_remote_code"),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
     "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "sft.data.eval",
-           "sft.data.skip_invalid"),
+           "sft.data.skip_invalid", "model.trust_remote_code"),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
     "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
-            "pretrain.data.eval"),
+            "pretrain.data.eval", "model.trust_remote_code"),
     # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
-    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train"),
+    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train", "model.trust_remote_code"),
 }
 
 
