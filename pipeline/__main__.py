@@ -164,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
 
             dryrun.run(cfg, args.command)
         else:
+            from pipeline.distributed import deepspeed_requested
+
+            if deepspeed_requested():  # a resume must not unpickle code (pipeline/safeload.py)
+                from pipeline.safeload import weights_only_deepspeed_checkpoints
+
+                weights_only_deepspeed_checkpoints()
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
             stage.run(cfg)
     except (ConfigError, DataError, ModelLoadError, NonFiniteError) as e:

@@ -125,3 +125,32 @@ def test_remote_code_runs_only_with_model_trust_remote_code(
         model, _ = load_stage_model(custom, trust_remote_code=True)
     assert type(model).__name__ == "CustomLM" and marker.exists()
     assert f"model.trust_remote_code is on: Python code shipped with '{custom}' may run" in caplog.text
+
+
+def test_deepspeed_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    # Under ZeRO both the Trainer and PPO resume through DeepSpeed's TorchCheckpointEngine, which unpickles with
+    # weights_only=False; pipeline/safeload.py (applied by the CLI under DeepSpeed) makes it weights-only.
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.safeload import weights_only_deepspeed_checkpoints
+
+    marker = tmp_path / "ran"
+    # what ZeRO writes in zero_pp_rank_*_optim_states.pt (the classes a real ZeRO-3 checkpoint needed)
+    real = tmp_path / "optim_states.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
+                                         "fp32_flat_groups": [torch.ones(3)]}, "ds_version": "0.19"}, real)
+    tampered = _malicious_pickle(tmp_path / "tampered.pt", marker)
+    original = TorchCheckpointEngine.load
+    try:
+        weights_only_deepspeed_checkpoints()
+        engine = TorchCheckpointEngine()
+        state = engine.load(str(real))
+        assert state["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.weights
+        assert state["optimizer_state_dict"]["loss_scaler"].cur_scale == 1.0
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            engine.load(str(tampered))
+        assert not marker.exists()
+    finally:
+        TorchCheckpointEngine.load = original
