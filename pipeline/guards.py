@@ -64,7 +64,9 @@ def trainer_hint(stage: str, what: str) -> str:
     if what == "loss":
         return (f"try a lower {stage}.lr or {stage}.bf16=false, and check the batch's data "
                 f"({stage}.nan_policy=skip drops such batches)")
-    return f"try a lower {stage}.lr or {stage}.max_grad_norm ({stage}.nan_policy=skip drops such steps)"
+    # A finite loss with a non-finite gradient overflowed in the backward pass: clipping cannot fix that.
+    return (f"try a lower {stage}.lr, or {stage}.bf16=false if it is on ({stage}.nan_policy=skip drops such "
+            "steps)")
 
 
 class _SkipBatch(Exception):
@@ -155,7 +157,7 @@ PPO_HINTS = {
     "policy loss": "set ppo.log_ratio_clamp (e.g. 20) or try a lower ppo.lr",
     "value loss": "try a lower ppo.lr or ppo.vf_coef",
     "ptx loss": "try a lower ppo.lr or ppo.ptx_coef",
-    "gradient norm": "try a lower ppo.lr or ppo.max_grad_norm",
+    "gradient norm": "try a lower ppo.lr, or ppo.bf16=false if it is on",
 }
 
 
