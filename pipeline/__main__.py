@@ -7,8 +7,8 @@ the versions and hardware a bug report needs, and `python -m pipeline chat runs/
 finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline <stage> ...` the
 same command runs on N processes.
 
-User errors (bad config, bad data, a missing or broken previous stage) and a full disk print one line and
-exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
+User errors (bad config, bad data, a missing or broken previous stage), a full disk and a NaN/Inf that
+stopped training (pipeline/guards.py) print one line and exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
     from pipeline.data import DataError
+    from pipeline.guards import NonFiniteError
     from pipeline.modeling import ModelLoadError
 
     _setup_logging()
@@ -163,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
 
             dryrun.run(cfg, args.command)
         else:
+            from pipeline.distributed import deepspeed_requested
+
+            if deepspeed_requested():  # a resume must not unpickle code (pipeline/safeload.py)
+                from pipeline.safeload import weights_only_deepspeed_checkpoints
+
+                weights_only_deepspeed_checkpoints()
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
             stage.run(cfg)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, NonFiniteError) as e:
         error = str(e)
     except Exception as e:
         from pipeline.checkpoint import after_disk_full, is_disk_full

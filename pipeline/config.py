@@ -164,6 +164,10 @@ class ModelConfig:
         "float32", help="Weights dtype when loading a pretrained model."
     )
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of name_or_path.")
+    trust_remote_code: bool = _f(
+        False, help="Run Python code shipped with the model or tokenizer (its auto_map); off: only the model "
+        "classes transformers ships load. On, every stage loads with it and warns naming the model."
+    )
     load_in_4bit: bool = _f(
         False, help="QLoRA: the frozen base of the LoRA stages (sft, rm, ppo with <stage>.lora.r > 0) is loaded in "
         "4-bit (bitsandbytes); the trained adapter stays in full precision and the saved model is merged into a "
@@ -255,6 +259,10 @@ class TrainConfig:
     save_total_limit: int = _f(2, help="Training checkpoints kept while the stage runs.", ge=1)
     bf16: bool = _f(False, help="Mixed precision in bfloat16 (GPUs that support it).")
     gradient_checkpointing: bool = _f(False, help="Trade compute for activation memory.")
+    nan_policy: Literal["stop", "skip"] = _f(
+        "stop", help="A non-finite loss or gradient norm: stop the stage (the last good checkpoint stays the "
+        "newest) or skip that batch's update and count it in train/skipped_nonfinite."
+    )
 
 
 @dataclass(kw_only=True)
@@ -406,6 +414,15 @@ class PPOConfig:
     clip_range_value: float = _f(0.2, help="Values may move this far from their rollout value before clipping.",
                                  gt=0)
     vf_coef: float = _f(0.1, help="Weight of the value loss.", ge=0)
+    log_ratio_clamp: float | None = _f(
+        None, help="Clamp each token's log(π/π_old) to ±this before exp in the policy loss (OpenRLHF does); a token "
+        "whose log-ratio runs away (~100 nats) with a negative advantage otherwise makes the loss infinite. "
+        "null = off (the TRL math); 20 changes nothing in a healthy run.", gt=0
+    )
+    nan_policy: Literal["stop", "skip"] = _f(
+        "stop", help="A non-finite loss, gradient norm, reward, advantage or KL: stop the stage (the last good "
+        "checkpoint stays the newest) or skip that minibatch (or rollout) and count it in ppo/skipped_nonfinite."
+    )
     whiten_rewards: bool = _f(False, help="Scale rewards by their batch std before GAE (the mean is kept).")
     ptx_coef: float = _f(
         1.0, help="γ_ptx: weight of the pretraining LM loss on each optimizer step; 0 = plain PPO (no ptx term).",
@@ -547,15 +564,17 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", *QUANTIZATION_KEYS),
+    # model.trust_remote_code: every stage loads its models with it (it changes no output).
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "model.trust_remote_code",
+            *QUANTIZATION_KEYS),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
     "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "sft.data.eval",
-           "sft.data.skip_invalid", *QUANTIZATION_KEYS),
+           "sft.data.skip_invalid", "model.trust_remote_code", *QUANTIZATION_KEYS),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
     "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
-            "pretrain.data.eval", *QUANTIZATION_KEYS),
+            "pretrain.data.eval", "model.trust_remote_code", *QUANTIZATION_KEYS),
     # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
-    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train"),
+    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train", "model.trust_remote_code"),
 }
 
 

@@ -115,12 +115,14 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GP
     return model
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained` with a pad token and a chat template guaranteed."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
+                                                  trust_remote_code=_remote_code(name_or_path, trust_remote_code))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer '{name_or_path}': {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load tokenizer '{name_or_path}': {_first_line(e)}{_remote_code_hint(e)}") from None
     return prepare_tokenizer(tokenizer)
 
 
@@ -137,18 +139,21 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def load_causal_lm(
     name_or_path: str, dtype: str = "float32", revision: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None, make_target: str | None = None,
-    quantization: BitsAndBytesConfig | None = None,
+    quantization: BitsAndBytesConfig | None = None, trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM from a hub id or a local Hugging Face directory, with its own tokenizer or `tokenizer`.
     `make_target` builds the directory (named when its weights are corrupted); `quantization` loads the weights
-    in 4 or 8 bits (QLoRA's frozen base, see pipeline/lora.py)."""
+    in 4 or 8 bits (QLoRA's frozen base, see pipeline/lora.py). Weights load from safetensors only (see
+    `_require_safetensors`)."""
+    _require_safetensors(name_or_path, make_target)
     if tokenizer is None:
-        tokenizer = load_tokenizer(name_or_path, revision)
+        tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
-                                                     **_quantized(quantization))
+                                                     use_safetensors=True, **_quantized(quantization),
+                                                     trust_remote_code=_remote_code(name_or_path, trust_remote_code))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load model '{name_or_path}': {_first_line(e)}{_remote_code_hint(e)}") from None
     except SafetensorError as e:
         raise ModelLoadError(_corrupt_weights(name_or_path, e, make_target)) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -166,7 +171,8 @@ def load_base(
         model = build_tiny_model(model_cfg, tokenizer)
         log.info("built tiny GPT-2: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
         return model, tokenizer
-    return load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision, tokenizer)
+    return load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.revision, tokenizer,
+                          trust_remote_code=model_cfg.trust_remote_code)
 
 
 def load_base_tokenizer(
@@ -175,19 +181,20 @@ def load_base_tokenizer(
     """The base model's tokenizer alone (what `load_base` pairs with the model; the dry run uses it alone):
     `tokenizer.name_or_path`, else the model's own, else the tiny BPE trained in memory on `tokenizer.train_data`."""
     if tok_cfg.name_or_path:
-        return load_tokenizer(tok_cfg.name_or_path)
+        return load_tokenizer(tok_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.name_or_path is None:
         return build_tiny_tokenizer(tok_cfg, registry)
-    return load_tokenizer(model_cfg.name_or_path, model_cfg.revision)
+    return load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
 
 
 def load_stage_model(
     path: str | Path, make_target: str | None = None, quantization: BitsAndBytesConfig | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a previous stage's output, with an error that says which `make` target builds it."""
     _require_finished(path, make_target)
-    return load_causal_lm(str(path), dtype=dtype, make_target=make_target, quantization=quantization)
+    return load_causal_lm(str(path), dtype=dtype, make_target=make_target, quantization=quantization,
+                          trust_remote_code=trust_remote_code)
 
 
 def _quantized(quantization: BitsAndBytesConfig | None) -> dict[str, Any]:
@@ -196,6 +203,40 @@ def _quantized(quantization: BitsAndBytesConfig | None) -> dict[str, Any]:
         return {}
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": quantization, "device_map": {"": device}}
+
+
+# Pickle-based weight files: unpickling one can run any code it names, so none is ever read.
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _require_safetensors(path: str | Path, make_target: str | None) -> None:
+    """A local directory must hold its weights as safetensors: one with only pickled weights (a
+    `pytorch_model.bin`) is refused before anything reads it, since loading a pickle can execute code."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted({f.name for pattern in PICKLED_WEIGHTS for f in p.glob(pattern)})
+    if pickled:
+        how = f"rebuild it with `make {make_target}`" if make_target else (
+            "convert it once, where you trust the file, with `AutoModel.from_pretrained(dir).save_pretrained(dir)` "
+            "(transformers writes safetensors)")
+        raise ModelLoadError(f"{p} holds only pickled weights ({', '.join(pickled)}), which can run code when "
+                             f"loaded; this pipeline reads safetensors only: {how}")
+
+
+def _remote_code_hint(error: BaseException) -> str:
+    """What to do when transformers refused a model that needs its own code (trust_remote_code off)."""
+    if "trust_remote_code" in str(error) or "contains custom code" in str(error):
+        return (" (its config names Python code of its own, which runs only with `model.trust_remote_code: true` "
+                "in the profile: set it if you trust that code)")
+    return ""
+
+
+def _remote_code(name_or_path: str | Path, trust: bool) -> bool:
+    """`trust_remote_code` for a load, with the warning that names the model whose code may now run."""
+    if trust:
+        log.warning("model.trust_remote_code is on: Python code shipped with '%s' may run", name_or_path)
+    return trust
 
 
 def _require_finished(path: str | Path, make_target: str | None) -> None:
@@ -226,7 +267,7 @@ def _corrupt_weights(path: str | Path, error: Exception, make_target: str | None
 
 
 def load_reward_model(
-    path: str | Path, make_target: str | None = None, dtype: str = "float32",
+    path: str | Path, make_target: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
     quantization: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence-classification model with one output (the reward) from a causal-LM or reward-model directory.
@@ -237,22 +278,25 @@ def load_reward_model(
     must therefore differ from EOS, or the EOS that ends every scored completion would count as padding.
     """
     _require_finished(path, make_target)
-    tokenizer = load_tokenizer(str(path))
+    _require_safetensors(path, make_target)
+    tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype],
-                                                                   **_quantized(quantization))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, **_quantized(quantization),
+            trust_remote_code=_remote_code(path, trust_remote_code))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load reward model '{path}': {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load reward model '{path}': {_first_line(e)}{_remote_code_hint(e)}") from None
     except SafetensorError as e:
         raise ModelLoadError(_corrupt_weights(path, e, make_target)) from None
     ensure_distinct_pad(model, tokenizer)
     return model, tokenizer
 
 
-def load_reward_model_tokenizer(path: str | Path, make_target: str | None = None) -> PreTrainedTokenizerBase:
+def load_reward_model_tokenizer(path: str | Path, make_target: str | None = None,
+                                trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer `load_reward_model` pairs with the reward model at `path`, without loading the model."""
     _require_finished(path, make_target)
-    tokenizer = load_tokenizer(str(path))
+    tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
     distinct_pad_token(tokenizer)
     return tokenizer
 

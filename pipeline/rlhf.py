@@ -217,8 +217,14 @@ def policy_loss(
     mask: torch.Tensor,
     clip_range: float,
     num_tokens: torch.Tensor | float | None = None,
+    log_ratio_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, token-level: mean over real tokens of max(−A·ρ, −A·clip(ρ, 1±ε)).
+
+    `log_ratio_clamp` c bounds each token's log ρ to [−c, c] before the exp (OpenRLHF's safeguard): with a
+    negative advantage the unclipped term −A·ρ is the max and grows as e^(log ρ), so one token whose log-ratio
+    reached ~100 nats makes the loss inf (float32 overflows at e^88.7). A clamped token contributes −A·e^c and
+    no gradient. None (default) leaves ρ untouched, identical to TRL; c = 20 changes no realistic token.
 
     `num_tokens` is the mean's denominator (default: the real tokens of `mask`). Data-parallel runs pass
     the minibatch's token count over all processes divided by their number, so that the gradient averaged
@@ -228,6 +234,8 @@ def policy_loss(
     """
     # Masked before exp: a padding position's log-ratio never overflows into an inf (and 0 · inf = NaN).
     log_ratio = (logprobs - old_logprobs) * mask
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

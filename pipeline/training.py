@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from pipeline import distributed, lora
 from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
+from pipeline.guards import NonFiniteGuard
 
 
 def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -53,6 +54,10 @@ def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) ->
         "dataloader_pin_memory": torch.cuda.is_available(),
         "disable_tqdm": False,
     }
+
+
+class GuardedTrainer(NonFiniteGuard, Trainer):
+    """The transformers Trainer behind the non-finite guard (pipeline/guards.py)."""
 
 
 def loss_before_training(trainer: Trainer) -> float:
@@ -118,6 +123,10 @@ def save_stage_output(
     if trainer.is_world_process_zero():
         if merge is not None:
             merge(staging / lora.ADAPTER_DIR).save_pretrained(str(staging))
+        # The Trainer pickles its TrainingArguments beside the weights; nothing reads it (summary.json holds
+        # the resolved config) and a finished output holds no pickle anyone could be tempted to torch.load.
+        for folder in (staging, staging / lora.ADAPTER_DIR):
+            (folder / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(staging))
         files = {"log_history.jsonl": trainer.state.log_history, **(jsonl_files or {})}
         for name, rows in files.items():
@@ -127,9 +136,13 @@ def save_stage_output(
 
 
 def final_metrics(trainer: Trainer) -> dict[str, float]:
-    """Last training loss and step count from the Trainer's state."""
+    """Last training loss and step count from the Trainer's state (and, with nan_policy: skip, the steps
+    left out for a non-finite loss or gradient)."""
     train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {
+    metrics = {
         "train/global_step": trainer.state.global_step,
         "train/loss": train_losses[-1] if train_losses else float("nan"),
     }
+    if getattr(trainer, "guard_policy", "stop") == "skip":  # steps the non-finite guard left out
+        metrics["train/skipped_nonfinite"] = trainer.skipped_nonfinite
+    return metrics

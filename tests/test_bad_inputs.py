@@ -314,6 +314,15 @@ def truncated_safetensors(c: Ctx) -> Given:
     return Given("rm", [], [f"{weights}: corrupted or truncated weights file", "rebuild it with `make sft PROFILE=tiny`"])
 
 
+def previous_stage_only_pickled(c: Ctx) -> Given:
+    sft = c.stage_copy("sft_dir", "sft")
+    (sft / "model.safetensors").unlink()
+    # Never unpickled: a hostile one would run code (tests/test_safe_loading.py proves it with a live payload).
+    torch.save({"transformer.wte.weight": torch.zeros(2)}, sft / "pytorch_model.bin")
+    return Given("rm", [], [f"{sft} holds only pickled weights (pytorch_model.bin), which can run code when loaded",
+                            "safetensors only", "rebuild it with `make sft PROFILE=tiny`"])
+
+
 def reward_model_of_another_tokenizer(c: Ctx) -> Given:
     from pipeline.config import TokenizerConfig
     from pipeline.modeling import build_tiny_tokenizer
@@ -377,7 +386,8 @@ CASES: list[Callable[[Ctx], Given]] = [
     prompt_longer_than_context_dry_run,
     unknown_config_key, wrong_type, negative_learning_rate, minibatch_not_dividing, profile_not_a_mapping,
     profile_invalid_yaml,
-    missing_previous_stage, previous_stage_only_partial, truncated_safetensors, reward_model_of_another_tokenizer,
+    missing_previous_stage, previous_stage_only_partial, truncated_safetensors, previous_stage_only_pickled,
+    reward_model_of_another_tokenizer,
     disk_full_while_saving,
 ]
 

@@ -315,6 +315,31 @@ def test_policy_loss_at_ratio_one_is_minus_mean_advantage() -> None:
     assert float(stats["approx_kl"]) == 0.0
 
 
+def test_policy_loss_log_ratio_clamp_keeps_a_runaway_token_finite() -> None:
+    # Two real tokens, both with advantage −1. Token a: log ρ = 100 nats (a token whose probability collapsed
+    # under π_old and recovered); token b: log ρ = ln 1.1.
+    old = torch.tensor([[-100.0, -1.0]])
+    new = torch.tensor([[0.0, -1.0 + math.log(1.1)]])
+    adv = torch.tensor([[-1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    # Unclamped: max(−A·ρ, −A·clip(ρ)) = ρ for a, and e^100 overflows float32 (max ~3.4e38 = e^88.7): inf.
+    loss, _ = rlhf.policy_loss(new, old, adv, mask, clip_range=0.2)
+    assert math.isinf(float(loss))
+    # Clamped at 20 nats: a contributes max(e^20, 1.2) = e^20 = 485165195.41, b max(1.1, 1.1) = 1.1;
+    # mean (485165195.41 + 1.1) / 2 = 242582598.26
+    new.requires_grad_(True)
+    loss, stats = rlhf.policy_loss(new, old, adv, mask, clip_range=0.2, log_ratio_clamp=20.0)
+    assert float(loss) == pytest.approx((math.exp(20) + 1.1) / 2, rel=1e-6)
+    # the clamped token gets no gradient (the clamp is flat there); b gets d(−Aρ)/d log π / 2 = 1.1 / 2
+    loss.backward()
+    assert new.grad.flatten().tolist() == pytest.approx([0.0, 0.55], abs=1e-6)
+    assert math.isfinite(float(stats["approx_kl"]))
+    # A generous clamp changes nothing where no token reaches it: the hand case of
+    # test_policy_loss_clipping_by_hand gives its 0.36 with and without a clamp at 20 nats.
+    case = _policy_case(garbage=30.0)
+    assert float(rlhf.policy_loss(*case, clip_range=0.2, log_ratio_clamp=20.0)[0]) == pytest.approx(0.36, abs=1e-6)
+
+
 def test_token_losses_split_over_processes_average_to_the_whole_batch_loss() -> None:
     # Data parallelism: each of N processes holds part of a minibatch and gradients are averaged. Row 0 of
     # the hand case has 3 real tokens, row 1 has 2: per-row masked means would weight row 1's tokens 3/2 as

@@ -63,7 +63,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 2. Sample from the policy.
     policy, make_target = _policy(cfg)
-    model, tokenizer = load_stage_model(policy, make_target)
+    model, tokenizer = load_stage_model(policy, make_target, trust_remote_code=cfg.model.trust_remote_code)
     model.to(state.device)
     check_gold_covers(gold, rows, tokenizer, key)
     out.prepare(is_main=state.is_main_process)

@@ -51,6 +51,7 @@ from pipeline.checkpoint import StageOutput, build_summary, write_json, write_js
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
+from pipeline.guards import PPOGuard
 from pipeline.modeling import context_length, load_reward_model, load_reward_model_tokenizer, load_stage_model
 from pipeline.rollout import Models, PolicyAndValue, Rollout, evaluate_policy, sample_batch
 
@@ -78,20 +79,23 @@ def run(cfg: Config) -> dict[str, Any]:
     init = p.init or str(cfg.stage_dir("sft"))
     rm_path = p.reward_model or str(cfg.stage_dir("rm"))
     rm_target = None if p.reward_model else f"rm PROFILE={cfg.profile}"
+    remote = cfg.model.trust_remote_code
     _check_lora(cfg)
     quantization = lora.quantization_config(cfg.model) if p.lora.enabled else None
     policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}",
-                                         quantization=quantization)
+                                         quantization=quantization, trust_remote_code=remote)
     rm_adapter = lora.rm_adapter(rm_path, init) if p.lora.enabled else None
     if rm_adapter is not None:  # the RM is an adapter on the policy's base: only its tokenizer is loaded here
-        reward_model, rm_tokenizer = None, load_reward_model_tokenizer(rm_path, make_target=rm_target)
+        reward_model, rm_tokenizer = None, load_reward_model_tokenizer(rm_path, make_target=rm_target,
+                                                                       trust_remote_code=remote)
     else:
-        reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target, quantization=quantization)
+        reward_model, rm_tokenizer = load_reward_model(rm_path, make_target=rm_target, quantization=quantization,
+                                                       trust_remote_code=remote)
     if p.lora.enabled:
         ref_policy, value_model, value_tokenizer = None, None, rm_tokenizer
     else:
-        ref_policy, _ = load_stage_model(p.reference or init)
-        value_model, value_tokenizer = load_reward_model(p.value_init or rm_path)
+        ref_policy, _ = load_stage_model(p.reference or init, trust_remote_code=remote)
+        value_model, value_tokenizer = load_reward_model(p.value_init or rm_path, trust_remote_code=remote)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
     _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
     if p.value_init:
@@ -155,6 +159,7 @@ def run(cfg: Config) -> dict[str, Any]:
         accelerator.load_state(resume_from)
         state = json.loads((Path(resume_from) / STATE_FILE).read_text())
         log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
+    guard = PPOGuard(p.nan_policy, out.checkpoints_dir, accelerator, state.get("skipped_nonfinite", 0))
 
     def evaluate(step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = evaluate_policy(models, eval_prompts, eval_blocks, p, gold, seed=cfg.seed + 1)
@@ -190,9 +195,15 @@ def run(cfg: Config) -> dict[str, Any]:
         advantages, returns = rlhf.gae_advantages(rewards, rollout.values, rollout.mask, p.gamma, p.lam)
         advantages = rlhf.masked_whiten(advantages, rollout.mask,
                                         **_global_moments(accelerator, advantages, rollout.mask))
+        # A NaN reward, KL or advantage would reach every weight in the update: stop (or skip this rollout).
+        if not guard.check({"reward": scores, "KL": kl, "advantage": advantages}, step, "rollout"):
+            state.update(iteration=step, skipped_nonfinite=guard.skipped)
+            continue
         # c. PPO epochs over minibatches, each optimizer step with a ptx batch
         train_stats = ppo_update(accelerator, model, optimizer, scheduler, rollout, advantages, returns,
-                                 ptx_blocks, p, cfg.seed, iteration)
+                                 ptx_blocks, p, cfg.seed, iteration, guard=guard)
+        if p.nan_policy == "skip":
+            state["skipped_nonfinite"] = guard.skipped
         metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
         metrics.update(train_stats)
         metrics["ppo/lr"] = scheduler.get_last_lr()[0]
@@ -263,11 +274,13 @@ def ppo_update(
     p: PPOConfig,
     seed: int,
     iteration: int,
+    guard: PPOGuard | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     The shuffle is per generation chunk (`_minibatches`), so every process count forms the same global
-    minibatches from the same samples.
+    minibatches from the same samples. `guard` checks the losses before `backward` and the gradient norm
+    before `optimizer.step()`: a non-finite one stops the stage, or (nan_policy: skip) drops the minibatch.
     """
     model.train()
     context = rollout.context_length
@@ -292,13 +305,21 @@ def ppo_update(
             # are then those of one process on the combined minibatch.
             num_tokens = _global_token_count(accelerator, mask)
             pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range,
-                                                 num_tokens=num_tokens)
+                                                 num_tokens=num_tokens, log_ratio_clamp=p.log_ratio_clamp)
             vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value,
                                                num_tokens=num_tokens)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
             loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
+            if guard is not None and not guard.check(
+                {"policy loss": pg_loss, "value loss": vf_loss, "ptx loss": ptx}, iteration + 1, "minibatch"
+            ):
+                continue
             accelerator.backward(loss)  # under DeepSpeed the engine also clips and steps here
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            # Under DeepSpeed the norm is None (the engine already stepped): only the losses are checked there.
+            if guard is not None and not guard.check({"gradient norm": grad_norm}, iteration + 1, "minibatch"):
+                optimizer.zero_grad()
+                continue
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -458,6 +479,8 @@ def _summary_metrics(final: dict[str, float], baseline: dict[str, float], state:
                      p: PPOConfig) -> dict[str, Any]:
     """Final held-out metrics, the SFT policy's as `<key>_init`, and the gains that matter."""
     metrics: dict[str, Any] = {"ppo/iterations": p.iterations, "ppo/beta": state["beta"]}
+    if p.nan_policy == "skip":  # rollouts and minibatches the non-finite guard left out
+        metrics["ppo/skipped_nonfinite"] = state.get("skipped_nonfinite", 0)
     last = next((r for r in reversed(state["history"]) if "ppo/score" in r), {})
     metrics.update({k: last[k] for k in ("ppo/score", "ppo/kl", "ppo/gold_score") if k in last})
     metrics.update(final)

@@ -17,7 +17,6 @@ from typing import Any
 
 import datasets
 from transformers import (
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     default_data_collator,
@@ -29,7 +28,7 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus, pack_corpus
 from pipeline.modeling import context_length, load_base
-from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import GuardedTrainer, check_launch, final_metrics, save_stage_output, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -60,7 +59,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     args = TrainingArguments(**trainer_kwargs(cfg, STAGE, out.checkpoints_dir, eval_ds is not None))
     resume_from = out.prepare(is_main=args.process_index == 0)
-    trainer = Trainer(
+    trainer = GuardedTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -70,6 +69,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
     check_launch(trainer, STAGE)
+    trainer.configure_guard(STAGE, p.nan_policy)
     trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Evaluate and save atomically.

@@ -33,6 +33,7 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
 from pipeline.data import load_demonstrations, load_rankings
 from pipeline.evaluation import GoldFn, check_gold_covers, gold_function
+from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import compute_rewards, context_length, load_reward_model, shift_reward
 from pipeline.ranking import (
     Ranking,
@@ -66,7 +67,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     init = r.init or str(cfg.stage_dir("sft"))
     lora.check_quantization(cfg.model, r.lora, STAGE)
     model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None,
-                                         quantization=lora.quantization_config(cfg.model) if r.lora.enabled else None)
+                                         quantization=lora.quantization_config(cfg.model) if r.lora.enabled else None,
+                                         trust_remote_code=cfg.model.trust_remote_code)
     if r.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model; the scalar head trains in full
         model = lora.wrap(model, r.lora, "SEQ_CLS", r.gradient_checkpointing)
     if r.disable_dropout:
@@ -103,6 +105,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         gold=gold,
     )
     check_launch(trainer, STAGE)
+    trainer.configure_guard(STAGE, r.nan_policy)
 
     # 4. The untrained head, measured once (a resumed run reads the numbers saved before the interruption).
     baseline = out.load_baseline()
@@ -184,8 +187,9 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, s
 # ------------------------------------------------------------------------------------------ training
 
 
-class RankingTrainer(Trainer):
-    """The transformers Trainer with InstructGPT's ranking loss, and an evaluation on held-out rankings."""
+class RankingTrainer(NonFiniteGuard, Trainer):
+    """The transformers Trainer with InstructGPT's ranking loss, and an evaluation on held-out rankings, behind
+    the non-finite guard (pipeline/guards.py)."""
 
     def __init__(self, *args: Any, rm: RMConfig, held_out: list[Ranking], gold: GoldFn | None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -204,6 +208,7 @@ class RankingTrainer(Trainer):
         margins = rlhf.rank_margins(inputs["ranks"], pairs, self.rm.margin) if self.rm.margin else None
         loss = rlhf.ranking_loss(rewards, pairs, inputs["pair_group"], num_groups, margins=margins,
                                  completion_group=group, center_coef=self.rm.center_coef)
+        self.check_loss(loss)  # before backward: a NaN stops (or skips) here, the weights untouched
         with torch.no_grad():
             r = rewards.detach().float()
             self._train_stats += torch.stack([

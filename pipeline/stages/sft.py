@@ -31,6 +31,7 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import DataError, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
+from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import context_length, load_stage_model
 from pipeline.training import (
     check_launch,
@@ -58,7 +59,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     init = s.init or str(cfg.stage_dir("pretrain"))
     lora.check_quantization(cfg.model, s.lora, STAGE)
     model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None,
-                                        quantization=lora.quantization_config(cfg.model) if s.lora.enabled else None)
+                                        quantization=lora.quantization_config(cfg.model) if s.lora.enabled else None,
+                                        trust_remote_code=cfg.model.trust_remote_code)
     if s.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model
         model = lora.wrap(model, s.lora, "CAUSAL_LM", s.gradient_checkpointing)
     max_pos = context_length(model)
@@ -75,7 +77,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     args = trl_args(cfg, out.checkpoints_dir, eval_ds is not None, conversational)
     resume_from = out.prepare(is_main=args.process_index == 0)
-    trainer = SFTTrainer(
+    trainer = GuardedSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -84,6 +86,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
     )
     check_launch(trainer, STAGE)
+    trainer.configure_guard(STAGE, s.nan_policy)
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
         metrics: dict[str, float] = {}
@@ -118,6 +121,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples])
     log.info("sft: wrote %s", out.final_dir)
     return metrics
+
+
+class GuardedSFTTrainer(NonFiniteGuard, SFTTrainer):
+    """TRL's SFTTrainer behind the non-finite guard (pipeline/guards.py)."""
 
 
 def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
