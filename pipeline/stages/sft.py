@@ -6,7 +6,8 @@ setup → train → save:
   3. measure the starting model once (held-out loss under the same completion-only masking, and the
      gold score of sampled completions), so the summary shows what SFT bought;
   4. train with TRL's SFTTrainer: prompt-completion rows get completion-only loss, conversational rows
-     assistant-only loss through the chat template's {% generation %} markers; resume if interrupted;
+     assistant-only loss through the chat template's {% generation %} markers (TRL's marked copy of a real
+     model's template: `training_chat_template`); resume if interrupted;
   5. measure the fine-tuned model the same way and write the Hugging Face directory atomically.
 """
 
@@ -57,6 +58,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
     model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None)
+    if conversational:  # before SFTTrainer, which would stop with a library error on a template it cannot patch
+        training_chat_template(tokenizer, init)
     max_pos = context_length(model)
     if max_pos and s.max_length > max_pos:
         raise ConfigError(f"'sft.max_length' ({s.max_length}) exceeds the model's context ({max_pos})")
@@ -165,6 +168,31 @@ def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool
     )
 
 
+def training_chat_template(tokenizer: PreTrainedTokenizerBase, source: str = "the model") -> str | None:
+    """The chat template SFTTrainer renders conversational rows with for the assistant-only loss: None when the
+    tokenizer's own template marks the assistant's tokens with `{% generation %}` (this project's default
+    template does), else TRL's training variant of a template it recognises (`get_training_chat_template`).
+
+    Real chat templates (Qwen2.5's, Llama 3's, ...) have no such markers. TRL ships, for each template it knows
+    by its exact text, a copy with the markers around each assistant turn's content and end-of-turn token that
+    renders the same text; SFTTrainer trains with that copy and leaves the tokenizer's template as it is, so the
+    saved model is prompted exactly as it was trained. A template TRL does not know (e.g. Llama 3.1's, with its
+    date header) has no copy: that is an error here, before training, saying what to do.
+    """
+    if has_generation_markers(tokenizer.chat_template):
+        return None
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:
+        raise ConfigError(
+            f"sft: the chat template of {source} has no {{% generation %}} markers and TRL has no training variant "
+            "of it (it has them for Qwen2.5/Qwen3, Llama 3, Gemma, Phi-3, DeepSeek and others), so the assistant-only "
+            "loss cannot tell the assistant's tokens from the rest: put {% generation %}...{% endgeneration %} around "
+            "each assistant turn's content and end-of-turn token in the model's chat template (chat_template.jinja "
+            "or tokenizer_config.json), or give the demonstrations as prompt/completion rows"
+        ) from None
+
+
 def prepare_examples(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, args: TRLSFTConfig, name: str
 ) -> datasets.Dataset:
@@ -178,10 +206,7 @@ def prepare_examples(
     sample = rows[0]
     prep = SFTTrainer.__new__(SFTTrainer)
     prep._tokenizer = tokenizer
-    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        prep.chat_template = get_training_chat_template(tokenizer)
-    else:
-        prep.chat_template = None
+    prep.chat_template = training_chat_template(tokenizer) if args.assistant_only_loss else None
     prep.completion_only_loss = (
         "prompt" in sample and "completion" in sample if args.completion_only_loss is None
         else args.completion_only_loss
