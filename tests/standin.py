@@ -41,9 +41,13 @@ QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assista
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 LLAMA_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
-_WORDS = ("the model writes a short answer about cats dogs rivers numbers colours music cooking travel weather "
-          "history science planets gardens books trains why how what which when please explain list name give "
-          "one two three four five six seven eight nine ten yes no good better best because so and or but").split()
+_WORDS = (
+    "the", "model", "writes", "a", "short", "answer", "about", "cats", "dogs", "rivers", "numbers",
+    "colours", "music", "cooking", "travel", "weather", "history", "science", "planets", "gardens",
+    "books", "trains", "why", "how", "what", "which", "when", "please", "explain", "list", "name", "give",
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "yes", "no", "good",
+    "better", "best", "because", "so", "and", "or", "but",
+)
 
 
 def _sentence(rng: random.Random, n: int) -> str:
