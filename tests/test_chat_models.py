@@ -323,3 +323,46 @@ def test_llama3_profile_in_full_fine_tuning_runs_every_stage_on_its_standin(
     assert summary(cfg, "rm")["normalization"]["method"] == "config.reward_shift"
     assert abs(summary(cfg, "rm")["metrics"]["rm/demo_reward_mean"]) < 1e-4
     assert summary(cfg, "ppo")["metrics"]["ppo/iterations"] == 2
+
+
+# ------------------------------------------------------------------------------------------ chat_prompts
+
+
+@pytest.mark.parametrize("which", ["qwen", "llama"])
+def test_chat_prompts_give_the_reward_model_the_ids_ppo_samples_from(
+    which: str, request: pytest.FixtureRequest, hub_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """With `chat_prompts` (the chat profiles), an UltraFeedback instruction reaches the policy in PPO as a user
+    turn of the chat template, and the reward model trains on exactly those prompt ids followed by the completion
+    and EOS: the ids it will score in PPO. Without it both read the raw text."""
+    from pipeline.data import load_rankings
+    from pipeline.evaluation import render_prompt
+    from pipeline.ranking import encode_rankings
+    from pipeline.rollout import encode_prompts
+
+    model_dir = request.getfixturevalue(f"{which}_dir")
+    _, tokenizer = load_causal_lm(str(model_dir))
+    for chat in (True, False):
+        cfg = standin_config("qwen2.5-0.5b", model_dir, hub_files, tmp_path / "runs", f"chat_prompts={chat}")
+        train_rows, _, _, _ = ppo.load_data(cfg)
+        text, plain = render_prompt(train_rows[0], tokenizer)  # what ppo.run does with each prompt row
+        ppo_ids = encode_prompts(tokenizer, [text], 512, torch.device("cpu"))["input_ids"][0].tolist()
+        rankings = load_rankings("ultrafeedback_train", registry=cfg.datasets)
+        assert rankings[0]["prompt"] == plain  # the same instruction, first row of the same file
+        ranking = encode_rankings(rankings.select([0]), tokenizer, 512, "rm.data.train", chat)[0]
+        completion = tokenizer(ranking.completions[0], add_special_tokens=False)["input_ids"]
+        assert ranking.input_ids[0] == ppo_ids + completion + [tokenizer.eos_token_id]
+        assert ranking.prompt == plain
+        if chat:
+            assert tokenizer.decode(ppo_ids).endswith(
+                "<|im_start|>assistant\n" if which == "qwen" else "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        else:
+            assert tokenizer.decode(ppo_ids) == plain
+    # sft's prompt-completion rows become [user, assistant] conversations, so the template trains them too.
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"prompt": "Name a river.", "completion": "The Nile."}) + "\n")
+    cfg = standin_config("qwen2.5-0.5b", model_dir, hub_files, tmp_path / "runs", f"sft.data.train={demos}",
+                         "sft.data.eval=null")
+    train, _, conversational = sft.load_data(cfg)
+    assert conversational and train[0]["messages"] == [{"role": "user", "content": "Name a river."},
+                                                       {"role": "assistant", "content": "The Nile."}]

@@ -30,7 +30,7 @@ from trl.models.utils import unwrap_model_for_generation
 from pipeline import tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
-from pipeline.data import DataError, load_demonstrations, row_origin
+from pipeline.data import DataError, as_chat, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.modeling import context_length, load_stage_model
 from pipeline.training import (
@@ -123,6 +123,8 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, b
     s = cfg.sft
     train_ds = load_demonstrations(s.data.train, s.data.skip_invalid, cfg.datasets)
     eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid, cfg.datasets) if s.data.eval else None
+    if cfg.chat_prompts:  # a chat model learns its answers inside its chat template, as it will be prompted
+        train_ds, eval_ds = as_chat(train_ds), as_chat(eval_ds) if eval_ds is not None else None
     conversational = "messages" in train_ds.column_names
     if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
         raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
