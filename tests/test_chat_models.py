@@ -366,3 +366,27 @@ def test_chat_prompts_give_the_reward_model_the_ids_ppo_samples_from(
     train, _, conversational = sft.load_data(cfg)
     assert conversational and train[0]["messages"] == [{"role": "user", "content": "Name a river."},
                                                        {"role": "assistant", "content": "The Nile."}]
+
+
+@pytest.mark.parametrize(("profile", "which"), [("qwen2.5-0.5b", "qwen"), ("llama3-8b-qlora", "llama")])
+def test_dry_run_of_each_stage_shows_the_chat_template(
+    profile: str, which: str, request: pytest.FixtureRequest, hub_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """`make dry-run PROFILE=<chat profile>` (what the README runs first) on the stand-ins: every stage the profile
+    runs checks its data and shows an example as the model sees it, prompts inside the chat template."""
+    import io
+
+    from pipeline import dryrun
+
+    model_dir = request.getfixturevalue(f"{which}_dir")
+    shipped = load_config(ROOT / "configs" / f"{profile}.yaml")
+    cfg = standin_config(profile, model_dir, hub_files, tmp_path / "runs",
+                         *([f"sft.init={model_dir}"] if shipped.sft.init else []))
+    header = "<|im_start|>assistant" if which == "qwen" else "<|start_header_id|>assistant<|end_header_id|>"
+    for stage in [s.__name__.rsplit(".", 1)[-1] for s in profile_stages(cfg)]:
+        out = io.StringIO()
+        dryrun.run(cfg, stage, out)
+        text = out.getvalue()
+        if stage != "pretrain":
+            assert header in text, f"{stage}: {text[:2000]}"
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
