@@ -96,6 +96,10 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+# A model initialised at the usual scale (0.02) attends almost uniformly and its outputs hardly depend on the
+# context: a test of what padding or masking changes wants a larger `initializer_range`, so that they do.
+
+
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, generation: GenerationConfig,
           path: Path) -> Path:
     model.generation_config = generation
@@ -104,7 +108,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, generation
     return path
 
 
-def build_qwen2(path: Path, seed: int = 0) -> Path:
+def build_qwen2(path: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A random Qwen2ForCausalLM (tied embeddings, like Qwen2.5-0.5B) and its tokenizer, saved to `path`."""
     import torch
 
@@ -113,14 +117,14 @@ def build_qwen2(path: Path, seed: int = 0) -> Path:
     config = Qwen2Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1000000.0, tie_word_embeddings=True,
-        rms_norm_eps=1e-6, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+        rms_norm_eps=1e-6, initializer_range=initializer_range, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
     )
     gen = GenerationConfig(bos_token_id=config.bos_token_id, pad_token_id=tok.pad_token_id, do_sample=True,
                            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")])
     return _save(Qwen2ForCausalLM(config), tok, gen, path)
 
 
-def build_llama3(path: Path, seed: int = 0) -> Path:
+def build_llama3(path: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A random LlamaForCausalLM (untied embeddings, like Llama-3-8B) and its tokenizer, saved to `path`."""
     import torch
 
@@ -129,7 +133,7 @@ def build_llama3(path: Path, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, rope_theta=500000.0, tie_word_embeddings=False,
-        rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|end_of_text|>"),
+        rms_norm_eps=1e-5, initializer_range=initializer_range, bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|end_of_text|>"),
     )
     gen = GenerationConfig(bos_token_id=tok.bos_token_id, do_sample=True,
                            eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), tok.eos_token_id])

@@ -130,10 +130,14 @@ def test_template_trl_cannot_mark_is_a_config_error(llama_dir: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("which", ["qwen", "llama"])
-def test_left_padded_rollout_matches_each_sequence_alone(which: str, request: pytest.FixtureRequest) -> None:
-    """A rollout left-pads prompts of different lengths and right-pads completions: with the position ids it
-    passes, a RoPE model's log-probs, values and reward of every row are those of the sequence alone."""
-    model_dir = request.getfixturevalue(f"{which}_dir")
+def test_left_padded_rollout_matches_each_sequence_alone(which: str, tmp_path: Path) -> None:
+    """A rollout left-pads prompts of different lengths and right-pads completions: with the attention mask and
+    position ids it passes, a RoPE model's log-probs, values and reward of every row are those of the sequence
+    alone. (RoPE sees relative positions only, so it is the masking that matters here; GPT-2's learned positions
+    need the ids too, tests/test_ppo.py.) Weights at a large scale make the outputs depend on the context: at the
+    usual 0.02 a tiny random model hardly attends, and a padding token seen by mistake would go unnoticed."""
+    build = standin.build_qwen2 if which == "qwen" else standin.build_llama3
+    model_dir = build(tmp_path / which, initializer_range=0.5)
     policy, tokenizer = load_causal_lm(str(model_dir))
     reward_model, rm_tokenizer = load_reward_model(model_dir)
     value_model, _ = load_reward_model(model_dir)
