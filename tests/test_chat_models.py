@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +396,44 @@ def test_dry_run_of_each_stage_shows_the_chat_template(
         if stage != "pretrain":
             assert header in text, f"{stage}: {text[:2000]}"
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_llama3_zero3_profile_runs_every_stage_under_deepspeed_zero3(
+    llama_dir: Path, hub_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The llama3-8b-lora-zero3 profile launched as its header says (`accelerate launch --config_file
+    configs/accelerate/zero3.yaml -m pipeline <stage>`), on 2 CPU processes over gloo, adapters off (full fine-tuning:
+    what its pretrain stage does): the Llama stand-in's weights sharded as they load, the reward model's added
+    `<|pad|>` row and its shift kept in config under ZeRO-3, all four stages. About 2-3 minutes."""
+    import subprocess
+    import sys
+
+    registry = [f"datasets.{name}.{k}=null" for name in hub_files for k in ("hub", "split", "subset")]
+    registry += [f"datasets.{name}.path={path}" for name, path in hub_files.items()]
+    run = tmp_path / "runs"
+    overrides = [f"run_dir={run}", f"model.name_or_path={llama_dir}", "model.dtype=float32", "tracking.wandb=false",
+                 "sft.lora.r=0", "rm.lora.r=0", "ppo.lora.r=0", *SMALL, *registry]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        proc = subprocess.run(
+            [accelerate, "launch", "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "2",
+             "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "pipeline", stage,
+             "--config", "configs/llama3-8b-lora-zero3.yaml", *overrides],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+        assert proc.returncode == 0, (stage, proc.stderr[-4000:])
+        done = json.loads((run / stage / "summary.json").read_text())
+        assert done["distributed"]["type"] == "DEEPSPEED" and done["distributed"]["zero_stage"] == 3
+    rm_summary = json.loads((run / "rm" / "summary.json").read_text())
+    assert rm_summary["normalization"]["method"] == "config.reward_shift"
+    assert abs(rm_summary["metrics"]["rm/demo_reward_mean"]) < 1e-4
+    model, tokenizer = load_reward_model(run / "rm")
+    assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert type(AutoModelForCausalLM.from_pretrained(run / "ppo")).__name__ == "LlamaForCausalLM"
