@@ -255,6 +255,13 @@ def test_qwen_profile_runs_every_stage_on_its_standin(
     assert type(AutoModelForCausalLM.from_pretrained(run / "ppo")).__name__ == "Qwen2ForCausalLM"
     samples = [json.loads(line) for line in (run / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all("prompt" in s and "completion" in s for s in samples)
+    # The label stage samples the PPO policy's completions of the training prompts, through the chat template too.
+    from pipeline.stages import label
+
+    label.run(dataclasses.replace(cfg, label=dataclasses.replace(
+        cfg.label, policy="ppo", num_prompts=3, k=3, max_new_tokens=6, batch_size=3)))
+    items = [json.loads(line) for line in (run / "label" / "to_label.jsonl").read_text().splitlines()]
+    assert items and all(i["prompt"].endswith("<|im_start|>assistant\n") for i in items)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -437,3 +444,18 @@ def test_llama3_zero3_profile_runs_every_stage_under_deepspeed_zero3(
     assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == tokenizer.pad_token_id
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert type(AutoModelForCausalLM.from_pretrained(run / "ppo")).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("which", ["qwen", "llama"])
+def test_chat_prompt_wraps_a_plain_prompt_once(which: str, request: pytest.FixtureRequest) -> None:
+    """Rankings made from the label stage's to-label file hold the prompt as the policy saw it, already rendered:
+    under `chat_prompts` the reward model reads it as it is, so a plain prompt and its rendered form give the same
+    ids, and a plain prompt that merely mentions the template's tokens elsewhere is still wrapped."""
+    from pipeline.evaluation import chat_prompt, render_prompt
+
+    _, tokenizer = load_causal_lm(str(request.getfixturevalue(f"{which}_dir")))
+    rendered, _ = render_prompt({"messages": [{"role": "user", "content": "Name a river."}]}, tokenizer)
+    assert chat_prompt("Name a river.", tokenizer) == rendered
+    assert chat_prompt(rendered, tokenizer) == rendered
+    odd = "What does <|im_start|> mean?"
+    assert chat_prompt(odd, tokenizer).count(odd) == 1 and chat_prompt(odd, tokenizer) != odd
