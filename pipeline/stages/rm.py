@@ -76,7 +76,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 3. Tokenize once.
     train = encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train", cfg.chat_prompts)
-    held_out = encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval", cfg.chat_prompts) if eval_rows else []
+    held_out = (encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval", cfg.chat_prompts)
+                if eval_rows else [])
     log.info("rm: %d training prompts (%d comparisons), %d held-out prompts", len(train),
              sum(len(x.pairs) for x in train), len(held_out))
 
