@@ -3,13 +3,15 @@
 What differs from GPT-2, and where it is checked here:
 - the assistant-only SFT mask through a real chat template without `{% generation %}` markers (Qwen2.5's with
   its default system prompt, Llama 3's), and a clear error for a template TRL cannot mark (Llama 3.1's);
-- left-padded rollouts with position ids on RoPE models: every row's log-probs, values and reward equal those of
-  the same sequence alone, unpadded;
+- left-padded rollouts on RoPE models: every row's log-probs, values and reward equal those of the same
+  sequence alone, unpadded;
 - the reward read at the last real token when the tokenizer has no pad token (Llama 3: `<|pad|>` is added), and
   the reward shift of an RMSNorm model without head bias kept in `config.reward_shift` and subtracted on load;
+- `chat_prompts`: plain prompts through the chat template, the reward model reading the ids PPO samples from;
 - each profile's stages run for a few steps on its stand-in, its registry entries redirected to local files in
-  the hub sets' shapes. The Qwen2.5-0.5B profile (full fine-tuning) is the fast representative; the 8B LoRA /
-  QLoRA profiles' runs are slow.
+  the hub sets' shapes, and its dry run. The Qwen2.5-0.5B profile (full fine-tuning, four stages and label) is
+  the fast representative; the Llama runs (one process, and under ZeRO-3 on 2 processes, adapters off; the
+  LoRA / QLoRA profiles as shipped, skipped until the LoRA stages land) are slow.
 """
 
 from __future__ import annotations
