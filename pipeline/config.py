@@ -516,6 +516,11 @@ class Config:
     gold_reward: Literal["tinytask"] | None = _f(
         None, help="Gold reward that scores sampled generations (tinytask for the toy task; null for real data)."
     )
+    chat_prompts: bool = _f(
+        False, help="Chat models: every plain-text prompt becomes one user turn rendered through the tokenizer's "
+        "chat template (sft's prompt-completion rows, rm rankings and normalization demonstrations, ppo and label "
+        "prompts), so the model always sees a prompt the way it is chatted with. Messages rows always are.",
+    )
     model: ModelConfig = _f(factory=ModelConfig, help="Base model.")
     tokenizer: TokenizerConfig = _f(factory=TokenizerConfig, help="Tokenizer.")
     tracking: TrackingConfig = _f(factory=TrackingConfig, help="Experiment tracking.")
@@ -552,10 +557,10 @@ QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit", "model.bnb_4bit
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "tokenizer"),
-    "sft": ("seed", "gold_reward", *QUANTIZATION_KEYS),
-    "rm": ("seed", "gold_reward", *QUANTIZATION_KEYS),
-    "ppo": ("seed", "gold_reward", *QUANTIZATION_KEYS),
-    "label": ("seed", "gold_reward"),
+    "sft": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
+    "rm": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
+    "ppo": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
+    "label": ("seed", "gold_reward", "chat_prompts"),
 }
 
 
@@ -565,16 +570,17 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
     # model.trust_remote_code: every stage loads its models with it (it changes no output).
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "model.trust_remote_code",
-            *QUANTIZATION_KEYS),
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets",
+            "model.trust_remote_code", *QUANTIZATION_KEYS),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
-    "rm": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "sft.data.eval",
+    "rm": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets", "sft.data.eval",
            "sft.data.skip_invalid", "model.trust_remote_code", *QUANTIZATION_KEYS),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
-    "ppo": ("profile", "seed", "run_dir", "gold_reward", "tracking", "datasets", "pretrain.data.train",
-            "pretrain.data.eval", "model.trust_remote_code", *QUANTIZATION_KEYS),
+    "ppo": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets",
+            "pretrain.data.train", "pretrain.data.eval", "model.trust_remote_code", *QUANTIZATION_KEYS),
     # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
-    "label": ("profile", "seed", "run_dir", "gold_reward", "datasets", "ppo.data.train", "model.trust_remote_code"),
+    "label": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "datasets", "ppo.data.train",
+              "model.trust_remote_code"),
 }
 
 

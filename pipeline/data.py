@@ -782,6 +782,24 @@ def load_prompts(
     return load("prompts", source, skip_invalid, registry)
 
 
+def as_chat(rows: datasets.Dataset) -> datasets.Dataset:
+    """Prompt and prompt-completion rows as conversations (config `chat_prompts`, for chat models): the prompt is
+    one user turn and the completion the assistant's answer, so the chat template renders them as the model is
+    chatted with. Rows that hold `messages` stay as they are; the order (and so every row number) is kept."""
+    if "prompt" not in rows.column_names:
+        return rows
+    out = []
+    for row in rows:
+        if row.get("messages"):
+            out.append({"messages": row["messages"]})
+            continue
+        turns = [{"role": "user", "content": row["prompt"]}]
+        if row.get("completion") is not None:
+            turns.append({"role": "assistant", "content": row["completion"]})
+        out.append({"messages": turns})
+    return datasets.Dataset.from_list(out)
+
+
 def ranking_problem(row: Row) -> str | None:
     """Why a ranked row (`prompt`, `completions`, `ranks`) would fail `load_rankings`, as "field 'x': reason",
     or None: the labeling page checks a submission with the loader's own rules before writing it."""

@@ -318,8 +318,9 @@ def _rm(cfg: Config, p: Printer) -> None:
     if eval_rows is not None:
         check_gold_covers(gold_function(cfg.gold_reward), [{"prompt": x} for x in eval_rows["prompt"]], tokenizer,
                           "rm.data.eval")
-    train = ranking.encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train")
-    held_out = ranking.encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval") if eval_rows else []
+    train = ranking.encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train", cfg.chat_prompts)
+    held_out = (ranking.encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval", cfg.chat_prompts)
+                if eval_rows else [])
     p("each completion is read as prompt + completion + EOS; the reward is the scalar head's output at that EOS")
     _rankings_report(p, "rm.data.train", r.data.train, train, r.max_length)
     if eval_rows is None:

@@ -70,6 +70,21 @@ def render_prompt(row: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, s
     return row["prompt"], row["prompt"]
 
 
+def chat_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """A plain prompt as one user turn through the chat template, followed by the assistant's header (config
+    `chat_prompts`). A prompt that already ends with that header is returned as it is: the label stage writes the
+    prompts it sampled from, rendered, into its to-label file and so into the rankings made from it, and the
+    reward model must read those exactly as the policy did, not wrapped a second time."""
+    turn = [{"role": "user", "content": ""}]
+    bare = tokenizer.apply_chat_template(turn, tokenize=False)
+    full = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    header = full[len(bare):] if full.startswith(bare) and len(full) > len(bare) else None
+    if header and prompt.endswith(header):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 @torch.no_grad()
 def sample_completions(
     model: PreTrainedModel,

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import rlhf
 from pipeline.config import ConfigError
 from pipeline.data import ranking_pairs
-from pipeline.evaluation import render_prompt
+from pipeline.evaluation import chat_prompt, render_prompt
 from pipeline.modeling import compute_rewards
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,21 @@ def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[
 
 
 def encode_rankings(
-    rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, key: str
+    rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, key: str, chat: bool = False
 ) -> list[Ranking]:
     """Tokenize normalized ranking rows (`prompt`, `completions`, `ranks`) into per-prompt examples.
 
     Prompt and completion are tokenized separately and concatenated, as a policy's sampled tokens follow
-    its prompt's tokens in PPO; the reward model then scores exactly the ids it will see there.
+    its prompt's tokens in PPO; the reward model then scores exactly the ids it will see there. With `chat`
+    (config `chat_prompts`) the prompt is one user turn rendered by the chat template with the assistant's
+    header, as PPO renders its prompts for a chat model (`evaluation.chat_prompt`; a prompt the label stage
+    already rendered stays as it is); `Ranking.prompt` stays the text of the row.
     """
     prompts = list(rows["prompt"])
     completions = list(rows["completions"])
     ranks = list(rows["ranks"])
-    prompt_ids = tokenize(prompts, tokenizer)
+    texts = [chat_prompt(p, tokenizer) for p in prompts] if chat else prompts
+    prompt_ids = tokenize(texts, tokenizer)
     flat = tokenize([c for cs in completions for c in cs], tokenizer)
     out: list[Ranking] = []
     truncated = 0

@@ -90,6 +90,18 @@ ULTRAFEEDBACK = {  # openbmb/UltraFeedback: 4 completions per instruction, each 
     ],
     "correct_answers": ["2"], "incorrect_answers": ["9"],
 }
+ULTRACHAT = {  # HuggingFaceH4/ultrachat_200k: the first user turn as `prompt`, the whole chat in `messages`
+    "prompt": "Name a river.", "prompt_id": "0f3a" * 16,
+    "messages": [{"content": "Name a river.", "role": "user"}, {"content": "The Nile.", "role": "assistant"},
+                 {"content": "Another?", "role": "user"}, {"content": "The Rhine.", "role": "assistant"}],
+}
+FINEWEB = {  # HuggingFaceFW/fineweb-edu: a web page's text and its crawl metadata
+    "text": "Photosynthesis turns light into chemical energy.", "id": "<urn:uuid:1>", "dump": "CC-MAIN-2024-10",
+    "url": "https://example.org/a", "file_path": "s3://commoncrawl/x.warc.gz", "language": "en",
+    "language_score": 0.97, "token_count": 9, "score": 3.2, "int_score": 3,
+}
+UF_RANKED = [{"prompt": "Name a prime number.", "completions": ["7", "9", "Seven.", "2 is prime."],
+              "ranks": [1, 3, 1, 2]}]
 
 # entry name -> (rows in its hub set's shape, the normalized rows)
 SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
@@ -105,9 +117,16 @@ SHAPES: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
                                             {"role": "user", "content": "What is 2 + 2?"},
                                             {"role": "assistant", "content": "4"}]}]),
     # equal scores tie; higher scores rank better
-    "ultrafeedback": ([ULTRAFEEDBACK], [{"prompt": "Name a prime number.",
-                                         "completions": ["7", "9", "Seven.", "2 is prime."], "ranks": [1, 3, 1, 2]}]),
+    "ultrafeedback": ([ULTRAFEEDBACK], UF_RANKED),
+    "ultrafeedback_train": ([ULTRAFEEDBACK], UF_RANKED),
+    "ultrafeedback_heldout": ([ULTRAFEEDBACK], UF_RANKED),
     "ultrafeedback_prompts": ([ULTRAFEEDBACK], [{"prompt": "Name a prime number."}]),
+    "ultrafeedback_prompts_train": ([ULTRAFEEDBACK], [{"prompt": "Name a prime number."}]),
+    "ultrafeedback_prompts_heldout": ([ULTRAFEEDBACK], [{"prompt": "Name a prime number."}]),
+    "ultrachat": ([ULTRACHAT], [{"messages": ULTRACHAT["messages"]}]),
+    "ultrachat_test": ([ULTRACHAT], [{"messages": ULTRACHAT["messages"]}]),
+    "fineweb_edu": ([FINEWEB], [{"text": FINEWEB["text"]}]),
+    "fineweb_edu_heldout": ([FINEWEB], [{"text": FINEWEB["text"]}]),
 }
 
 
@@ -119,8 +138,12 @@ def shipped() -> dict[str, DatasetConfig]:
 def test_every_shipped_entry_has_a_shape_test(shipped: dict[str, DatasetConfig]) -> None:
     assert set(shipped) == set(SHAPES), "add rows in the new entry's hub shape to SHAPES"
     assert {e.hub for e in shipped.values()} >= {
-        "Anthropic/hh-rlhf", "tatsu-lab/alpaca", "Open-Orca/SlimOrca", "openbmb/UltraFeedback"
+        "Anthropic/hh-rlhf", "tatsu-lab/alpaca", "Open-Orca/SlimOrca", "openbmb/UltraFeedback",
+        "HuggingFaceH4/ultrachat_200k", "HuggingFaceFW/fineweb-edu",
     }
+    for name, entry in shipped.items():  # a sliced split ("train[:98%]") must be one datasets can read
+        if entry.split is not None:
+            assert str(datasets.ReadInstruction.from_spec(entry.split)), name
     assert load_config(ROOT / "configs" / "gpt2.yaml").datasets == shipped  # both profiles include it
 
 
@@ -141,16 +164,18 @@ def test_hub_entry_passes_split_and_data_dir_to_load_dataset(
 ) -> None:
     calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    def fake(name: str, split: str, **options: Any) -> datasets.Dataset:
-        calls.append((name, split, options))
-        rows = [STACK] if name == "lvwerra/stack-exchange-paired" else [HH]
+    def fake(path: str, split: str, **options: Any) -> datasets.Dataset:  # load_dataset's own parameter names
+        calls.append((path, split, options))
+        rows = {"lvwerra/stack-exchange-paired": [STACK], "HuggingFaceFW/fineweb-edu": [FINEWEB]}.get(path, [HH])
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert load("rankings", "stack_exchange_paired", registry=shipped)["prompt"] == [STACK["question"]]
     assert load("rankings", "hh_rlhf_test", registry=shipped).num_rows == 1
+    assert load("corpus", "fineweb_edu_heldout", registry=shipped).num_rows == 1
     assert calls == [("lvwerra/stack-exchange-paired", "train", {"data_dir": "data/reward"}),
-                     ("Anthropic/hh-rlhf", "test", {})]
+                     ("Anthropic/hh-rlhf", "test", {}),
+                     ("HuggingFaceFW/fineweb-edu", "train[-2000:]", {"name": "sample-10BT"})]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from transformers import set_seed as hf_set_seed
 from pipeline import labeling
 from pipeline.checkpoint import StageOutput, build_summary, write_jsonl
 from pipeline.config import Config, ConfigError, GenerationEvalConfig, LabelConfig, stage_key, to_dict
-from pipeline.data import load_prompts
+from pipeline.data import as_chat, load_prompts
 from pipeline.evaluation import Sample, check_gold_covers, gold_function, render_prompt, sample_completions
 from pipeline.modeling import context_length, load_reward_model, load_stage_model
 from pipeline.ranking import samples_agreement, score_rankings
@@ -55,7 +55,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # 1. Prompts first: a malformed row fails before a model is loaded.
     source, key = (lab.prompts, "label.prompts") if lab.prompts else (cfg.ppo.data.train, "ppo.data.train")
-    rows = _draw(list(load_prompts(source, registry=cfg.datasets)), lab.num_prompts, seed)
+    prompts = load_prompts(source, registry=cfg.datasets)
+    rows = _draw(list(as_chat(prompts) if cfg.chat_prompts else prompts), lab.num_prompts, seed)
     state = PartialState()
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     if state.is_main_process:

@@ -49,7 +49,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from pipeline import distributed, lora, rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
-from pipeline.data import load_corpus, load_prompts, pack_corpus
+from pipeline.data import as_chat, load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
 from pipeline.guards import PPOGuard
 from pipeline.modeling import context_length, load_reward_model, load_reward_model_tokenizer, load_stage_model
@@ -408,12 +408,19 @@ def load_data(cfg: Config) -> tuple[list[dict], list[dict], Any, Any]:
     and of the held-out corpus loss (None when `ppo.ptx_coef` = 0, resp. no held-out corpus or
     `ppo.eval_corpus_blocks` = 0)."""
     p = cfg.ppo
-    train_rows = list(load_prompts(p.data.train, p.data.skip_invalid, cfg.datasets))
-    eval_rows = list(load_prompts(p.data.eval, p.data.skip_invalid, cfg.datasets))[: p.eval_prompts] if p.data.eval else []
+    train_rows = list(_prompts(cfg, p.data.train))
+    eval_rows = list(_prompts(cfg, p.data.eval))[: p.eval_prompts] if p.data.eval else []
     ptx_corpus = load_corpus(ptx_source(cfg), registry=cfg.datasets) if p.ptx_coef > 0 else None
     eval_source = ptx_eval_source(cfg)
     ptx_eval_corpus = load_corpus(eval_source, registry=cfg.datasets) if eval_source and p.eval_corpus_blocks else None
     return train_rows, eval_rows, ptx_corpus, ptx_eval_corpus
+
+
+def _prompts(cfg: Config, source: str) -> Any:
+    """The prompt rows of `source`; with `chat_prompts` plain prompts become a user turn (a chat model is prompted
+    through its chat template)."""
+    rows = load_prompts(source, cfg.ppo.data.skip_invalid, cfg.datasets)
+    return as_chat(rows) if cfg.chat_prompts else rows
 
 
 def ptx_source(cfg: Config) -> str:

@@ -31,7 +31,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from pipeline import lora, rlhf, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
-from pipeline.data import load_demonstrations, load_rankings
+from pipeline.data import as_chat, load_demonstrations, load_rankings
 from pipeline.evaluation import GoldFn, check_gold_covers, gold_function
 from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import compute_rewards, context_length, load_reward_model, shift_reward
@@ -81,8 +81,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         check_gold_covers(gold, [{"prompt": p} for p in eval_rows["prompt"]], tokenizer, "rm.data.eval")
 
     # 3. Tokenize once.
-    train = encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train")
-    held_out = encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval") if eval_rows else []
+    train = encode_rankings(train_rows, tokenizer, r.max_length, "rm.data.train", cfg.chat_prompts)
+    held_out = (encode_rankings(eval_rows, tokenizer, r.max_length, "rm.data.eval", cfg.chat_prompts)
+                if eval_rows else [])
     log.info("rm: %d training prompts (%d comparisons), %d held-out prompts", len(train),
              sum(len(x.pairs) for x in train), len(held_out))
 
@@ -181,6 +182,8 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, s
     demo_source = r.normalize_data or cfg.sft.data.eval
     demo_skip = r.data.skip_invalid if r.normalize_data else cfg.sft.data.skip_invalid
     demos = load_demonstrations(demo_source, demo_skip, cfg.datasets) if demo_source else None
+    if demos is not None and cfg.chat_prompts:  # scored as the rankings are: the prompt through the chat template
+        demos = as_chat(demos)
     return train_rows, eval_rows, demo_source, demos
 
 

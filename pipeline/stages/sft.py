@@ -6,7 +6,8 @@ setup → train → save:
   3. measure the starting model once (held-out loss under the same completion-only masking, and the
      gold score of sampled completions), so the summary shows what SFT bought;
   4. train with TRL's SFTTrainer: prompt-completion rows get completion-only loss, conversational rows
-     assistant-only loss through the chat template's {% generation %} markers; resume if interrupted;
+     assistant-only loss through the chat template's {% generation %} markers (TRL's marked copy of a real
+     model's template: `training_chat_template`); resume if interrupted;
   5. measure the fine-tuned model the same way and write the Hugging Face directory atomically.
 """
 
@@ -29,7 +30,7 @@ from trl.models.utils import unwrap_model_for_generation
 from pipeline import lora, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
-from pipeline.data import DataError, load_demonstrations, row_origin
+from pipeline.data import DataError, as_chat, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import context_length, load_stage_model
@@ -61,6 +62,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None,
                                         quantization=lora.quantization_config(cfg.model) if s.lora.enabled else None,
                                         trust_remote_code=cfg.model.trust_remote_code)
+    if conversational:  # before SFTTrainer, which would stop with a library error on a template it cannot patch
+        training_chat_template(tokenizer, init)
     if s.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model
         model = lora.wrap(model, s.lora, "CAUSAL_LM", s.gradient_checkpointing)
     max_pos = context_length(model)
@@ -132,6 +135,8 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, b
     s = cfg.sft
     train_ds = load_demonstrations(s.data.train, s.data.skip_invalid, cfg.datasets)
     eval_ds = load_demonstrations(s.data.eval, s.data.skip_invalid, cfg.datasets) if s.data.eval else None
+    if cfg.chat_prompts:  # a chat model learns its answers inside its chat template, as it will be prompted
+        train_ds, eval_ds = as_chat(train_ds), as_chat(eval_ds) if eval_ds is not None else None
     conversational = "messages" in train_ds.column_names
     if eval_ds is not None and ("messages" in eval_ds.column_names) != conversational:
         raise ConfigError("'sft.data.train' and 'sft.data.eval' use different formats (messages vs prompt/completion)")
@@ -177,6 +182,31 @@ def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool
     )
 
 
+def training_chat_template(tokenizer: PreTrainedTokenizerBase, source: str = "the model") -> str | None:
+    """The chat template SFTTrainer renders conversational rows with for the assistant-only loss: None when the
+    tokenizer's own template marks the assistant's tokens with `{% generation %}` (this project's default
+    template does), else TRL's training variant of a template it recognises (`get_training_chat_template`).
+
+    Real chat templates (Qwen2.5's, Llama 3's, ...) have no such markers. TRL ships, for each template it knows
+    by its exact text, a copy with the markers around each assistant turn's content and end-of-turn token that
+    renders the same text; SFTTrainer trains with that copy and leaves the tokenizer's template as it is, so the
+    saved model is prompted exactly as it was trained. A template TRL does not know (e.g. Llama 3.1's, with its
+    date header) has no copy: that is an error here, before training, saying what to do.
+    """
+    if has_generation_markers(tokenizer.chat_template):
+        return None
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:
+        raise ConfigError(
+            f"sft: the chat template of {source} has no {{% generation %}} markers and TRL has no training variant "
+            "of it (it has them for Qwen2.5/Qwen3, Llama 3, Gemma, Phi-3, DeepSeek and others), so the assistant-only "
+            "loss cannot tell the assistant's tokens from the rest: put {% generation %}...{% endgeneration %} around "
+            "each assistant turn's content and end-of-turn token in the model's chat template (chat_template.jinja "
+            "or tokenizer_config.json), or give the demonstrations as prompt/completion rows"
+        ) from None
+
+
 def prepare_examples(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, args: TRLSFTConfig, name: str
 ) -> datasets.Dataset:
@@ -190,10 +220,7 @@ def prepare_examples(
     sample = rows[0]
     prep = SFTTrainer.__new__(SFTTrainer)
     prep._tokenizer = tokenizer
-    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        prep.chat_template = get_training_chat_template(tokenizer)
-    else:
-        prep.chat_template = None
+    prep.chat_template = training_chat_template(tokenizer) if args.assistant_only_loss else None
     prep.completion_only_loss = (
         "prompt" in sample and "completion" in sample if args.completion_only_loss is None
         else args.completion_only_loss
