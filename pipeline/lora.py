@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,18 @@ def _switchable(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")]
 
 
+ACTIVE = "_pipeline_active_adapter"  # which role `use_adapter` runs, read again by a checkpoint's recomputation
+
+
 @contextmanager
 def use_adapter(model: torch.nn.Module, name: str | None) -> Iterator[None]:
     """Within the block, only adapter `name` is active (None: none, the base model alone); gradients untouched."""
-    layers = _switchable(model)
+    layers = model.__dict__.get("_pipeline_switchable")
+    if layers is None:  # the module tree does not change after setup: find the switchable layers once
+        layers = model.__dict__["_pipeline_switchable"] = _switchable(model)
     saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    saved_name = model.__dict__.get(ACTIVE, POLICY)
+    model.__dict__[ACTIVE] = name
     try:
         for m in layers:
             if name is None:
@@ -151,6 +158,7 @@ def use_adapter(model: torch.nn.Module, name: str | None) -> Iterator[None]:
     finally:
         for m, (active, disabled) in zip(layers, saved, strict=True):
             m._active_adapter, m._disable_adapters = active, disabled
+        model.__dict__[ACTIVE] = saved_name
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -265,15 +273,26 @@ class SharedBase(torch.nn.Module):
             ptx_logits = self.policy(input_ids=ptx_input_ids, use_cache=False).logits
         return logits, values, ptx_logits
 
-    # What TRL's `unwrap_model_for_generation` asks of the module it unwraps (checkpointing is refused with
-    # LoRA in ppo: a recomputation in the backward pass would run with whichever adapter is active then).
-    is_gradient_checkpointing = False
+    # Activation checkpointing with adapters switched inside one forward: a checkpointed layer is recomputed
+    # during the backward pass, after `use_adapter` has restored the flags, so the recomputation would run with
+    # the wrong adapter and give wrong gradients. torch's `context_fn` wraps each recomputation in a context of
+    # our choosing: the adapter that was active when that layer ran forward.
+    @property
+    def is_gradient_checkpointing(self) -> bool:  # what TRL's `unwrap_model_for_generation` asks
+        inner = self.base.get_base_model()
+        return bool(getattr(inner, "is_activation_checkpointing", getattr(inner, "is_gradient_checkpointing", False)))
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        raise NotImplementedError("gradient checkpointing with ppo.lora")
+        base = self.base
+
+        def context_fn() -> tuple[Any, Any]:
+            return nullcontext(), use_adapter(base, base.__dict__.get(ACTIVE, POLICY))
+
+        base.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
 
     def gradient_checkpointing_disable(self) -> None:
-        pass
+        self.base.get_base_model().gradient_checkpointing_disable()
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -327,7 +346,7 @@ def build_shared_base(base: PreTrainedModel, cfg: LoRAConfig, gradient_checkpoin
       and the `value` adapter and head initialised from it (InstructGPT initialises the value model from the RM);
     - else: a fresh `value` adapter and the separate reward model's head `rm_head` ([1, hidden]).
     `rm_shift` is the reward model's normalization, subtracted from the reward adapter's score."""
-    model = wrap(base, cfg, "CAUSAL_LM", gradient_checkpointing)
+    model = wrap(base, cfg, "CAUSAL_LM")  # checkpointing is enabled below, adapter-aware
     reward_head = None
     if rm_adapter_dir is not None:
         rm_lora = LoraConfig.from_pretrained(str(rm_adapter_dir))
@@ -351,7 +370,10 @@ def build_shared_base(base: PreTrainedModel, cfg: LoRAConfig, gradient_checkpoin
     for name, param in model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             param.requires_grad_(f".{REWARD}." not in name)
-    return SharedBase(model, _head(rm_head, base, trainable=True), reward_head, rm_shift)
+    shared = SharedBase(model, _head(rm_head, base, trainable=True), reward_head, rm_shift)
+    if gradient_checkpointing:
+        shared.gradient_checkpointing_enable()
+    return shared
 
 
 def _head(weight: torch.Tensor, base: PreTrainedModel, trainable: bool) -> torch.nn.Linear:

@@ -11,7 +11,7 @@ What differs from GPT-2, and where it is checked here:
 - each profile's stages run for a few steps on its stand-in, its registry entries redirected to local files in
   the hub sets' shapes, and its dry run. The Qwen2.5-0.5B profile (full fine-tuning, four stages and label) is
   the fast representative; the Llama runs (one process, and under ZeRO-3 on 2 processes, adapters off; the
-  LoRA / QLoRA profiles as shipped, skipped until the LoRA stages land) are slow.
+  LoRA / QLoRA profiles as shipped) are slow.
 """
 
 from __future__ import annotations
@@ -292,7 +292,6 @@ def assert_trained_as_adapter(base: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="needs the LoRA stages (lead's branch)")
 @pytest.mark.parametrize("profile", ["llama3-8b-qlora", "llama3-8b-lora-zero3"])
 def test_llama3_lora_profiles_run_on_their_standin(
     profile: str, llama_dir: Path, hub_files: dict[str, Path], tmp_path: Path

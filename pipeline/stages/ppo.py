@@ -524,10 +524,6 @@ def _check_lora(cfg: Config) -> None:
     if p.value_init:
         raise ConfigError("ppo.value_init with ppo.lora: the value adapter starts from the reward model's adapter "
                           "(a LoRA reward model) or fresh; unset ppo.value_init, or ppo.lora.r=0")
-    if p.gradient_checkpointing:
-        raise ConfigError("ppo.gradient_checkpointing with ppo.lora is not supported yet: the policy and value "
-                          "adapters share one base, and a recomputation in the backward pass would run with the wrong "
-                          "adapter; turn one of them off")
 
 
 def _save_lora(shared: lora.SharedBase, state_dict: dict[str, torch.Tensor], staging: Path, init: str, dtype: str,
