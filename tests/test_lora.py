@@ -108,6 +108,8 @@ def test_lora_ppo_holds_one_base_and_the_reference_is_the_sft_model_exactly(lora
     trained = [n for n, t in shared.named_parameters() if t.requires_grad]
     assert trained and all(("lora_" in n and ".reward." not in n) or n == "value_head.weight" for n in trained)
     assert any(".value." in n for n in trained) and any(".default." in n for n in trained)
+    # Dropout off everywhere, the adapters' own included: rollout and update log-probs must agree.
+    assert all(m.p == 0 for m in shared.modules() if isinstance(m, torch.nn.Dropout))
     # The reference after training: the SFT model's logits, exactly.
     ids = _ids()
     with torch.no_grad():

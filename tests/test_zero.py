@@ -160,6 +160,29 @@ def test_ppo_under_zero3_on_two_processes_matches_one_process(chain: dict[str, A
 
 
 @pytest.mark.slow
+def test_lora_ppo_under_zero3_on_two_processes_matches_one_process(chain: dict[str, Any], tmp_path: Path) -> None:
+    """PPO with LoRA (one base: policy and value adapters, the LoRA reward model a frozen adapter, the reference the
+    base with adapters off), the one module sharded by ZeRO-3 over 2 processes, against 1 process."""
+    from pipeline.stages import ppo, rm
+
+    lora = ["rm.lora.r=8", "rm.lr=2e-3", "ppo.lora.r=8", "ppo.lr=5e-4"]
+    one = tmp_path / "one"
+    cfg = load_config("configs/tiny.yaml", [*chain["overrides"], f"run_dir={one}", f"rm.init={chain['run'] / 'sft'}",
+                                            f"ppo.init={chain['run'] / 'sft'}", *lora])
+    rm.run(cfg)  # a LoRA reward model of the chain's SFT model
+    ppo.run(cfg)
+    proc = launch("zero3", "ppo", two_process_overrides(chain, tmp_path / "two", *lora,
+                                                        f"ppo.reward_model={one / 'rm'}"))
+    _ok(proc)
+    two = tmp_path / "two" / "ppo"
+    layout = assert_deepspeed(two, zero_stage=3)
+    assert layout["lora"] == {"shared_base": True, "reward_model": "adapter", "quantized": None}, layout
+    assert layout["local_fraction"]["trained"] == pytest.approx(0.5, abs=0.01), layout
+    assert_ppo_matches(one / "ppo", two)
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["zero2", "zero3_offload"])
 def test_ppo_under_zero2_and_zero3_offload_matches_one_process(
     chain: dict[str, Any], tmp_path: Path, preset: str

@@ -108,7 +108,7 @@ def run(cfg: Config) -> dict[str, Any]:
     check_gold_covers(gold, train_rows, tokenizer, "ppo.data.train")  # rollouts are scored by it too
     train_prompts = [render_prompt(r, tokenizer) for r in train_rows]
     eval_prompts = [render_prompt(r, tokenizer) for r in eval_rows for _ in range(p.eval_samples_per_prompt)]
-    if p.disable_dropout:  # LoRA's own dropout modules included
+    if p.disable_dropout:
         for m in (policy, ref_policy, reward_model, value_model):
             if m is not None:
                 disable_dropout_in_model(m)
@@ -121,6 +121,8 @@ def run(cfg: Config) -> dict[str, Any]:
         model = lora.build_shared_base(policy, p.lora, p.gradient_checkpointing, rm_adapter,
                                        None if reward_model is None else reward_model.score.weight.detach().clone(),
                                        lora.reward_shift(rm_path) if rm_adapter else 0.0)
+        if p.disable_dropout:  # the adapters' own dropout, added just now
+            disable_dropout_in_model(model)
     else:
         if p.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
