@@ -9,6 +9,8 @@ same command runs on N processes.
 
 User errors (bad config, bad data, a missing or broken previous stage) and a full disk print one line and
 exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
+SIGTERM and Ctrl-C stop a stage after its current step with a checkpoint, print how to resume and exit with
+143 (SIGTERM) or 130 (SIGINT) (pipeline/signals.py).
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(cfg, args)
 
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
+    from pipeline import signals
     from pipeline.data import DataError
     from pipeline.modeling import ModelLoadError
 
@@ -164,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             dryrun.run(cfg, args.command)
         else:
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
-            stage.run(cfg)
+            with signals.stop_on_signals():
+                stage.run(cfg)
+    except signals.Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process only
+            print(f"{e}; {signals.resume_hint(args.command, cfg.profile, args.config, args.overrides)}",
+                  file=sys.stderr)
+        return e.exit_code
     except (ConfigError, DataError, ModelLoadError) as e:
         error = str(e)
     except Exception as e:

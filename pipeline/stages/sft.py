@@ -26,7 +26,7 @@ from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.models.utils import unwrap_model_for_generation
 
-from pipeline import tracking
+from pipeline import signals, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import DataError, load_demonstrations, row_origin
@@ -77,7 +77,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
+                   *(callbacks or [])],
     )
     check_launch(trainer, STAGE)
 
@@ -101,6 +102,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         out.save_baseline(baseline)
 
     # 4. Train.
+    # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
+    # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
+    hf_set_seed(cfg.seed)
     trainer.train(resume_from_checkpoint=resume_from)
 
     # 5. Measure the fine-tuned model and save atomically.
