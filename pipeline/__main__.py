@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging()
     error = None
+    stopped: tuple[str, int] | None = None
     try:
         if args.dry_run:
             from pipeline import dryrun
@@ -170,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             with signals.stop_on_signals():
                 stage.run(cfg)
     except signals.Stopped as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process only
-            print(f"{e}; {signals.resume_hint(args.command, cfg.profile, args.config, args.overrides)}",
-                  file=sys.stderr)
-        return e.exit_code
+        stopped = (str(e), e.exit_code)
     except (ConfigError, DataError, ModelLoadError) as e:
         error = str(e)
     except Exception as e:
@@ -190,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
               file=sys.stderr)
         return 130
+    if stopped is not None:
+        gc.collect()  # as below: the stopped stage's progress bars draw their last line before the hint
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process only
+            print(f"{stopped[0]}; {signals.resume_hint(args.command, cfg.profile, args.config, args.overrides)}",
+                  file=sys.stderr)
+        return stopped[1]
     if error is not None:
         # A stage that failed mid-training still holds progress bars in the exception's frames; collected
         # now, they draw their last line here, not after the error, which stays the last line printed.
