@@ -29,7 +29,7 @@ from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus, pack_corpus
 from pipeline.modeling import context_length, load_base
-from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import check_launch, final_metrics, save_stage_output, train_or_resume, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -74,7 +74,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
     # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
     hf_set_seed(cfg.seed)
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_or_resume(trainer, resume_from)
 
     # 5. Evaluate and save atomically.
     metrics: dict[str, Any] = final_metrics(trainer)

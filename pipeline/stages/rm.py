@@ -43,7 +43,7 @@ from pipeline.ranking import (
     samples_agreement,
     score_rankings,
 )
-from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import check_launch, final_metrics, save_stage_output, train_or_resume, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "rm"
@@ -109,7 +109,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
     # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
     hf_set_seed(cfg.seed)
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_or_resume(trainer, resume_from)
 
     # 5. Normalize: held-out demonstrations average a reward of 0 (InstructGPT, before RL).
     metrics: dict[str, Any] = final_metrics(trainer)

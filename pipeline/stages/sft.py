@@ -37,6 +37,7 @@ from pipeline.training import (
     final_metrics,
     loss_before_training,
     save_stage_output,
+    train_or_resume,
     trainer_kwargs,
 )
 
@@ -105,7 +106,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
     # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
     hf_set_seed(cfg.seed)
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_or_resume(trainer, resume_from)
 
     # 5. Measure the fine-tuned model and save atomically.
     after, samples = measure("fine-tuned")
