@@ -18,6 +18,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, small_overrides
+from test_tracking import read_wandb_records, wandb_run
 
 from pipeline import signals
 from pipeline.__main__ import main
@@ -183,6 +185,7 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_step_say_how_to_resume_and_ex
     cli = ["pretrain", "--config", "configs/tiny.yaml", *small_overrides(small_data, tmp_path / "stopped"), *extra]
     with monkeypatch.context() as m:
         _signal_at_step(m, signum, 3)
+        m.setenv("WANDB_MODE", "offline")
         code = main(cli)
     assert code == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -192,6 +195,13 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_step_say_how_to_resume_and_ex
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
     assert not (tmp_path / "stopped" / "pretrain").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were the stage's only
+    # the W&B run is closed as failed with the stop's exit status, and marked preempting on SIGTERM
+    run = wandb_run(tmp_path / "stopped", "pretrain")
+    records = read_wandb_records(next(run["dir"].glob("run-*.wandb")))
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 128 + signum
+    preempting = [r for r in records if r.WhichOneof("record_type") == "preempting"]
+    assert len(preempting) == (1 if signum == signal.SIGTERM else 0)
     if signum == signal.SIGINT:
         return
     assert main(cli) == 0  # the rerun resumes from checkpoint-3 and ends as the uninterrupted run does
@@ -199,3 +209,85 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_step_say_how_to_resume_and_ex
     pretrain.run(load_config("configs/tiny.yaml", [*small_overrides(small_data, tmp_path / "ref"), *extra]))
     assert_same_metrics(summary(tmp_path / "stopped", "pretrain")["metrics"],
                         summary(tmp_path / "ref", "pretrain")["metrics"], "pretrain stopped by SIGTERM at step 3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(stage: str, overrides: list[str], log: Path) -> subprocess.Popen:
+    """`accelerate launch` of a stage on 2 CPU processes (DDP over gloo), as the README's LAUNCH does; its
+    stderr goes to `log` (a file: a pipe nobody reads while the test waits would fill and block the run)."""
+    cmd = [str(Path(PY).parent / "accelerate"), "launch", "--config_file", "configs/accelerate/ddp.yaml",
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           "-m", "pipeline", stage, "--config", "configs/tiny.yaml", *overrides]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"},
+                                stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _rank_pid(root: int, rank: int) -> int | None:
+    """The pid of the process with RANK=`rank` among `root`'s descendants (Linux /proc)."""
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if pid != root and f"RANK={rank}".encode() in environ:
+                return pid
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # exited meanwhile
+            continue
+    return None
+
+
+TWO_PROCESS = {
+    "pretrain": ["pretrain.max_steps=30", "pretrain.save_steps=10", "pretrain.batch_size=4", "pretrain.data.eval=null"],
+    "ppo": ["ppo.iterations=8", "ppo.save_steps=2", "ppo.eval_steps=4", "ppo.rollout_batch_size=4",
+            "ppo.minibatch_size=2", "ppo.ptx_batch_size=1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "ppo"])
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_the_rerun_matches(
+    stage: str, small_data: dict[str, Path], inputs: list[str], tmp_path: Path
+) -> None:
+    """Pre-emption may reach one rank only: the per-step all-reduce of the stop flag makes both ranks write
+    the same checkpoint and stop; the launch exits non-zero, rank 0 prints the resume hint, and the same
+    launch again resumes and ends with the uninterrupted 2-process run's metrics."""
+    def overrides(run_dir: Path) -> list[str]:
+        return [*small_overrides(small_data, run_dir), *TWO_PROCESS[stage], *inputs]
+
+    log = tmp_path / "stderr.txt"
+    reference = _launch(stage, overrides(tmp_path / "ref"), log)
+    assert reference.wait(timeout=TIMEOUT) == 0, log.read_text()[-4000:]
+
+    run_dir = tmp_path / "stopped"
+    proc = _launch(stage, overrides(run_dir), log)
+    first = run_dir / f"{stage}.partial" / "checkpoints" / ("checkpoint-10" if stage == "pretrain" else "checkpoint-2")
+    deadline = time.time() + TIMEOUT
+    while not ((first / "trainer_state.json").is_file() or (first / "ppo_state.json").is_file()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    rank1 = _rank_pid(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGTERM)
+    assert proc.wait(timeout=TIMEOUT) != 0
+    (line,) = [x for x in log.read_text().splitlines() if "stopped by SIGTERM" in x]  # one line, from rank 0 only
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert f"resume with `make {stage} PROFILE=tiny ARGS=" in line
+    checkpoint = run_dir / f"{stage}.partial" / "checkpoints" / f"checkpoint-{step}"
+    # both ranks saved their RNG state at that step: they stopped together
+    rng = sorted(p.name for p in checkpoint.iterdir() if p.name.startswith(("rng_state", "random_states")))
+    assert len(rng) == 2, rng
+    assert not (run_dir / stage).exists()
+
+    rerun = _launch(stage, overrides(run_dir), log)
+    assert rerun.wait(timeout=TIMEOUT) == 0, log.read_text()[-4000:]
+    assert summary(run_dir, stage)["resumed_from"].endswith(f"checkpoint-{step}")
+    assert_same_metrics(summary(run_dir, stage)["metrics"], summary(tmp_path / "ref", stage)["metrics"],
+                        f"2-process {stage} stopped by SIGTERM at step {step}")
