@@ -16,6 +16,7 @@ SIGTERM and Ctrl-C stop a stage after its current step with a checkpoint, print 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             dryrun.run(cfg, args.command)
         else:
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
-            with signals.stop_on_signals():
+            # Only the stages that check for the stop at every step take over SIGTERM / SIGINT (label does not).
+            with signals.stop_on_signals() if args.command in signals.STOPPABLE else contextlib.nullcontext():
                 stage.run(cfg)
     except signals.Stopped as e:
         stopped = (str(e), e.exit_code)

@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOPPABLE = ("pretrain", "sft", "rm", "ppo")  # the stages that check for a stop request at every step
 
 _received: int | None = None  # the first stop signal this process got, if any
 
