@@ -11,7 +11,9 @@ A stage writes into a work directory beside its output, `runs/<profile>/<stage>.
 Only when the finished output is complete (weights, tokenizer, summary.json) is `final/` renamed to
 `runs/<profile>/<stage>/` (a rename within one filesystem is atomic), and the work directory removed.
 So an interrupted stage leaves no `<stage>/` that a later stage or `make` could take as finished, and
-running it again resumes from the newest checkpoint in `checkpoints/`.
+running it again resumes from the newest complete checkpoint in `checkpoints/`: one whose state file
+(trainer_state.json / ppo_state.json, written last) is there and parses. A checkpoint whose write was cut
+(SIGKILL, power loss) is removed by the rerun, never resumed from (tests/test_faults.py).
 """
 
 from __future__ import annotations

@@ -80,6 +80,18 @@ def assert_same_metrics(resumed: dict[str, Any], reference: dict[str, Any], what
     assert not differ, f"{what}: final metrics differ from the uninterrupted run's (resumed, uninterrupted): {differ}"
 
 
+# What the Trainer logs once at the end of `train()` about that call (its wall time, the mean loss of the steps it
+# took): a resumed run's differ by design.
+PER_CALL = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
+
+
+def history(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    """log_history.jsonl without the per-call rows: every metric logged at every step."""
+    rows = [json.loads(line) for line in (run_dir / stage / "log_history.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in r.items() if k not in PER_CALL} for r in rows]
+    return [r for r in rows if set(r) - {"epoch", "step"}]
+
+
 def assert_killed_cleanly(run_dir: Path, stage: str, proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     assert not (run_dir / stage).exists(), "a killed stage must leave no output a later stage could take as finished"
@@ -144,6 +156,7 @@ def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_metrics(
         _ok(run_stage(stage, overrides))
         assert_resumed(run_dir, stage, resume_point)
         assert_same_metrics(summary(run_dir, stage)["metrics"], reference, f"{stage} killed at {kill_at}")
+        assert history(run_dir, stage) == history(tmp_path / "ref", stage), f"{stage} killed at {kill_at}"
 
     # One kill at a moment nobody chose (reproducible: the delay is drawn from a generator seeded by the stage).
     delay = random.Random(stage).uniform(1.0, duration)
