@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers import set_seed as hf_set_seed
+from transformers.trainer_callback import ExportableState
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -81,6 +82,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
                    *(callbacks or [])],
     )
+    trainer.add_callback(_token_count(trainer))
     check_launch(trainer, STAGE)
 
     def measure(tag: str) -> tuple[dict[str, float], list[dict]]:
@@ -118,6 +120,24 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples])
     log.info("sft: wrote %s", out.final_dir)
     return metrics
+
+
+def _token_count(trainer: SFTTrainer) -> TrainerCallback:
+    """TRL keeps the count of tokens trained on (the logged `num_tokens`) in the trainer only, so a resumed run
+    would count from 0 again. As an `ExportableState` callback, this one's state (the count) goes into every
+    checkpoint's trainer_state.json, which a resumed run loads before training starts: the count is handed
+    back to the trainer then."""
+
+    class TokenCount(TrainerCallback, ExportableState):
+        def state(self) -> dict[str, Any]:
+            return {"args": {}, "attributes": {"tokens": trainer._total_train_tokens}}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            saved = state.stateful_callbacks.get(type(self).__name__)
+            if isinstance(saved, dict):
+                trainer._total_train_tokens = saved["attributes"]["tokens"]
+
+    return TokenCount()
 
 
 def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
