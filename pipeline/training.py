@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 
 from pipeline import distributed
 from pipeline.checkpoint import StageOutput, write_jsonl
@@ -73,6 +74,10 @@ def train_or_resume(trainer: Trainer, resume_from: str | None) -> None:
             log.info("%s holds the last step (%d): training is complete, loading it", resume_from, state.global_step)
             trainer._load_from_checkpoint(resume_from)
             trainer.state = state
+            # Callbacks that keep state in the checkpoint restore it when training begins, as in `train()`.
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, ExportableState):
+                    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
             return
     trainer.train(resume_from_checkpoint=resume_from)
 
