@@ -8,12 +8,16 @@ finished stage's policy (pipeline/chat.py). Under `accelerate launch -m pipeline
 same command runs on N processes.
 
 User errors (bad config, bad data, a missing or broken previous stage), a full disk and a NaN/Inf that
-stopped training (pipeline/guards.py) print one line and exit with status 2 (README: "Bad input and errors"); anything else is a bug and keeps its traceback.
+stopped training (pipeline/guards.py) print one line and exit with status 2 (README: "Bad input and errors");
+anything else is a bug and keeps its traceback.
+SIGTERM and Ctrl-C stop a stage after its current step with a checkpoint, print how to resume and exit with
+143 (SIGTERM) or 130 (SIGINT) (pipeline/signals.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -152,12 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         return serve(cfg, args)
 
     # Heavy imports (torch, transformers) only once a stage actually runs: `make` calls `stamp` often.
+    from pipeline import signals
     from pipeline.data import DataError
     from pipeline.guards import NonFiniteError
     from pipeline.modeling import ModelLoadError
 
     _setup_logging()
     error = None
+    stopped: tuple[str, int] | None = None
     try:
         if args.dry_run:
             from pipeline import dryrun
@@ -171,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 weights_only_deepspeed_checkpoints()
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
-            stage.run(cfg)
+            # Only the stages that check for the stop at every step take over SIGTERM / SIGINT (label does not).
+            with signals.stop_on_signals() if args.command in signals.STOPPABLE else contextlib.nullcontext():
+                stage.run(cfg)
+    except signals.Stopped as e:
+        stopped = (str(e), e.exit_code)
     except (ConfigError, DataError, ModelLoadError, NonFiniteError) as e:
         error = str(e)
     except Exception as e:
@@ -188,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the stage's work directory keeps its last checkpoint; run again to resume",
               file=sys.stderr)
         return 130
+    if stopped is not None:
+        gc.collect()  # as below: the stopped stage's progress bars draw their last line before the hint
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, from the main process only
+            print(f"{stopped[0]}; {signals.resume_hint(args.command, cfg.profile, args.config, args.overrides)}",
+                  file=sys.stderr)
+        return stopped[1]
     if error is not None:
         # A stage that failed mid-training still holds progress bars in the exception's frames; collected
         # now, they draw their last line here, not after the error, which stays the last line printed.

@@ -11,7 +11,9 @@ A stage writes into a work directory beside its output, `runs/<profile>/<stage>.
 Only when the finished output is complete (weights, tokenizer, summary.json) is `final/` renamed to
 `runs/<profile>/<stage>/` (a rename within one filesystem is atomic), and the work directory removed.
 So an interrupted stage leaves no `<stage>/` that a later stage or `make` could take as finished, and
-running it again resumes from the newest checkpoint in `checkpoints/`.
+running it again resumes from the newest complete checkpoint in `checkpoints/`: one whose state file
+(trainer_state.json / ppo_state.json, written last) is there and parses. A checkpoint whose write was cut
+(SIGKILL, power loss) is removed by the rerun, never resumed from (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.config import ConfigError
 
@@ -69,10 +69,24 @@ class StageOutput:
         elif self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             write_json(key_file, self.resume_key)
-        last = get_last_checkpoint(str(self.checkpoints_dir)) if self.checkpoints_dir.is_dir() else None
+        if self.is_main:
+            # A previous run that died after its rename, while deleting its work directory (see `commit`).
+            shutil.rmtree(self._trash, ignore_errors=True)
+        last = last_complete_checkpoint(self.checkpoints_dir)
+        if self.is_main and self.checkpoints_dir.is_dir():
+            # Checkpoints whose write was cut (SIGKILL, power loss) are never resumed from; they go, so that
+            # the rerun rewrites them from scratch instead of into a directory holding half of a file set.
+            for d in self.checkpoints_dir.iterdir():
+                if d.is_dir() and d.name.startswith("checkpoint-") and not _complete(d):
+                    log.info("removing the incomplete checkpoint %s (its write was interrupted)", d)
+                    shutil.rmtree(d, ignore_errors=True)
         if last:
             log.info("resuming from %s", last)
         return last
+
+    @property
+    def _trash(self) -> Path:
+        return self.final_dir.with_name(self.final_dir.name + ".partial.done")
 
     def load_baseline(self) -> dict[str, Any] | None:
         path = self.work_dir / "baseline.json"
@@ -100,7 +114,10 @@ class StageOutput:
             os.replace(self.final_dir, old)  # a re-run replaces the previous output only once it is complete
         os.replace(self.staging_dir, self.final_dir)
         shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        # Renamed before it is deleted: a kill half-way through the deletion must not leave a `.partial` whose
+        # config.json is gone but whose checkpoints remain, which a rerun with another config would resume.
+        os.replace(self.work_dir, self._trash)
+        shutil.rmtree(self._trash, ignore_errors=True)
         return self.final_dir
 
 
@@ -124,11 +141,31 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def _complete(checkpoint: Path) -> bool:
-    """A checkpoint whose writer finished: the Trainer writes trainer_state.json last, PPO renames its
-    `checkpoint-N.tmp` only once ppo_state.json is in it."""
-    if checkpoint.name.endswith(".tmp"):
+    """A checkpoint whose writer finished: the Trainer writes trainer_state.json last (after the weights,
+    optimizer, scheduler and RNG state), PPO renames its `checkpoint-N.tmp` only once ppo_state.json is in it.
+    The state file must also parse: the Trainer writes it in place, so a kill can leave half of it."""
+    if checkpoint.name.endswith(".tmp") or not checkpoint.is_dir():
         return False
-    return (checkpoint / "trainer_state.json").is_file() or (checkpoint / "ppo_state.json").is_file()
+    for name in ("trainer_state.json", "ppo_state.json"):
+        try:
+            json.loads((checkpoint / name).read_text())
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def last_complete_checkpoint(checkpoints_dir: str | Path) -> str | None:
+    """The newest complete checkpoint (`checkpoint-<step>`, highest step) in `checkpoints_dir`, or None."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return None
+    steps = []
+    for d in checkpoints_dir.iterdir():
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and _complete(d):
+            steps.append((int(step), d))
+    return str(max(steps)[1]) if steps else None
 
 
 def after_disk_full(final_dir: str | Path, error: BaseException, make_target: str) -> str:
@@ -153,7 +190,7 @@ def after_disk_full(final_dir: str | Path, error: BaseException, make_target: st
         removed.append("final/ (the output being assembled)")
     for tmp in work_dir.glob("*.tmp") if work_dir.is_dir() else ():
         tmp.unlink(missing_ok=True)
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     what = str(getattr(error, "strerror", None) or error).splitlines()[0]
     where = f" writing {error.filename}" if isinstance(error, OSError) and error.filename else ""
     parts = [f"disk full ({what}){where}"]

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -207,7 +208,8 @@ def tracked(stage: str) -> Callable[[F], F]:
     """Decorate a stage's `run(cfg, ...)`: its tracking run is finished however the stage ends.
 
     On success the finished stage directory's summary.json goes into the run summary; an exception (a bad
-    input, Ctrl-C) marks the run failed and propagates.
+    input, Ctrl-C, `signals.Stopped`) marks the run failed (with the stop's exit code, 143 / 130, and marked
+    preempting on SIGTERM) and propagates.
     """
 
     def decorate(fn: F) -> F:
@@ -215,9 +217,13 @@ def tracked(stage: str) -> Callable[[F], F]:
         def wrapper(cfg: Config, *args: Any, **kwargs: Any) -> Any:
             try:
                 result = fn(cfg, *args, **kwargs)
-            except BaseException:
+            except BaseException as e:
                 try:
-                    finish(exit_code=1)
+                    # Stopped by SIGTERM: W&B shows the run as preempted rather than crashed.
+                    if getattr(e, "signum", None) == signal.SIGTERM and _active is not None \
+                            and _active.wandb_run is not None:
+                        _active.wandb_run.mark_preempting()
+                    finish(exit_code=getattr(e, "exit_code", 1))
                 except Exception as e:  # the stage's own error is the one the user needs to see
                     log.warning("%s: could not close the tracking run (%s: %s)", stage, type(e).__name__, e)
                 raise

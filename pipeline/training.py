@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 
 from pipeline import distributed, lora
 from pipeline.checkpoint import StageOutput, write_jsonl
 from pipeline.config import Config, TrainConfig
 from pipeline.guards import NonFiniteGuard
+
+log = logging.getLogger(__name__)
 
 
 def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -58,6 +63,27 @@ def trainer_kwargs(cfg: Config, stage: str, output_dir: Path, has_eval: bool) ->
 
 class GuardedTrainer(NonFiniteGuard, Trainer):
     """The transformers Trainer behind the non-finite guard (pipeline/guards.py)."""
+def train_or_resume(trainer: Trainer, resume_from: str | None) -> None:
+    """`trainer.train(resume_from_checkpoint=resume_from)`, except when that checkpoint is the last step's.
+
+    A run killed after training (during the final evaluation or save) resumes from the checkpoint the Trainer
+    writes at its last step; `Trainer.train` would then take one more optimizer step before it checks
+    `max_steps` (when the last step is not at an epoch's end), and the model would differ from the
+    uninterrupted run's. Here such a checkpoint's weights and state are loaded and no step is taken. Under
+    DeepSpeed the weights live in the engine `train()` builds, so there the Trainer resumes as usual.
+    """
+    if resume_from and not trainer.is_deepspeed_enabled:
+        state = TrainerState.load_from_json(str(Path(resume_from) / TRAINER_STATE_NAME))
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            log.info("%s holds the last step (%d): training is complete, loading it", resume_from, state.global_step)
+            trainer._load_from_checkpoint(resume_from)
+            trainer.state = state
+            # Callbacks that keep state in the checkpoint restore it when training begins, as in `train()`.
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, ExportableState):
+                    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+            return
+    trainer.train(resume_from_checkpoint=resume_from)
 
 
 def loss_before_training(trainer: Trainer) -> float:

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import distributed, lora, rlhf, tracking
+from pipeline import distributed, lora, rlhf, signals, tracking
 from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import as_chat, load_corpus, load_prompts, pack_corpus
@@ -157,11 +157,6 @@ def run(cfg: Config) -> dict[str, Any]:
     resume_from = out.prepare(is_main=is_main)
     tracking.start(cfg, STAGE, is_main=is_main)
     state: dict[str, Any] = {"iteration": 0, "beta": p.kl_coef, "history": []}
-    if resume_from:
-        accelerator.load_state(resume_from)
-        state = json.loads((Path(resume_from) / STATE_FILE).read_text())
-        log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
-    guard = PPOGuard(p.nan_policy, out.checkpoints_dir, accelerator, state.get("skipped_nonfinite", 0))
 
     def evaluate(step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = evaluate_policy(models, eval_prompts, eval_blocks, p, gold, seed=cfg.seed + 1)
@@ -170,12 +165,23 @@ def run(cfg: Config) -> dict[str, Any]:
         return metrics, samples
 
     # 3. The SFT policy, measured once (a resumed run reads the numbers saved before the interruption).
+    # Measured before a checkpoint is loaded, so it is always the SFT policy's.
     baseline = out.load_baseline()
     if baseline is None:
         baseline, _ = evaluate(0) if eval_prompts else ({}, [])
         out.save_baseline(baseline)
-        if baseline:
-            state["history"].append({tracking.STEP: 0, **baseline})
+    elif not resume_from:  # killed after measuring it, before the first checkpoint: the history still starts here
+        tracking.log_metrics(baseline, step=0)
+    if baseline and not resume_from:
+        state["history"].append({tracking.STEP: 0, **baseline})
+    # Reseeded after the baseline (measured or reused), then the checkpoint's RNG restored if resuming: the
+    # training draws never depend on whether, or where, an earlier run was killed.
+    hf_set_seed(cfg.seed)
+    if resume_from:
+        accelerator.load_state(resume_from)
+        state = json.loads((Path(resume_from) / STATE_FILE).read_text())
+        log.info("ppo: resumed at iteration %d of %d", state["iteration"], p.iterations)
+    guard = PPOGuard(p.nan_policy, out.checkpoints_dir, accelerator, state.get("skipped_nonfinite", 0))
 
     # 4. Train.
     beta = state["beta"]
@@ -223,8 +229,12 @@ def run(cfg: Config) -> dict[str, Any]:
         if p.eval_steps and step % p.eval_steps == 0 and step < p.iterations and eval_prompts:
             state["history"].append({tracking.STEP: step, **evaluate(step)[0]})
         state.update(iteration=step, beta=beta)
-        if step % p.save_steps == 0 and step < p.iterations:
+        # SIGTERM / Ctrl-C on any process: all of them checkpoint this iteration and stop (pipeline/signals.py).
+        stop = signals.agreed_stop(accelerator.device)
+        if stop or (step % p.save_steps == 0 and step < p.iterations):
             _save_checkpoint(accelerator, out, state, step, p.save_total_limit)
+        if stop:
+            raise signals.Stopped(stop, STAGE, step, str(out.checkpoints_dir / f"checkpoint-{step}"))
 
     # 5. The final policy, measured the same way, and the atomic save.
     final, samples = evaluate(p.iterations) if eval_prompts else ({}, [])

@@ -23,12 +23,19 @@ from transformers import (
 )
 from transformers import set_seed as hf_set_seed
 
-from pipeline import tracking
+from pipeline import signals, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import load_corpus, pack_corpus
 from pipeline.modeling import context_length, load_base
-from pipeline.training import GuardedTrainer, check_launch, final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import (
+    GuardedTrainer,
+    check_launch,
+    final_metrics,
+    save_stage_output,
+    train_or_resume,
+    trainer_kwargs,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -66,11 +73,15 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         eval_dataset=eval_ds,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
+                   *(callbacks or [])],
     )
     check_launch(trainer, STAGE)
     trainer.configure_guard(STAGE, p.nan_policy)
-    trainer.train(resume_from_checkpoint=resume_from)
+    # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
+    # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
+    hf_set_seed(cfg.seed)
+    train_or_resume(trainer, resume_from)
 
     # 5. Evaluate and save atomically.
     metrics: dict[str, Any] = final_metrics(trainer)

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from pipeline import lora, rlhf, tracking
+from pipeline import lora, rlhf, signals, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, RMConfig, stage_key, to_dict
 from pipeline.data import as_chat, load_demonstrations, load_rankings
@@ -44,7 +44,7 @@ from pipeline.ranking import (
     samples_agreement,
     score_rankings,
 )
-from pipeline.training import check_launch, final_metrics, save_stage_output, trainer_kwargs
+from pipeline.training import check_launch, final_metrics, save_stage_output, train_or_resume, trainer_kwargs
 
 log = logging.getLogger(__name__)
 STAGE = "rm"
@@ -100,7 +100,8 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         eval_dataset=held_out or None,  # `evaluate` below scores it; the Trainer only checks that it exists
         data_collator=RankingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
+                   *(callbacks or [])],
         rm=r,
         held_out=held_out,
         gold=gold,
@@ -113,7 +114,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     if baseline is None:
         baseline = {k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()} if held_out else {}
         out.save_baseline(baseline)
-    trainer.train(resume_from_checkpoint=resume_from)
+    # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
+    # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
+    hf_set_seed(cfg.seed)
+    train_or_resume(trainer, resume_from)
 
     # 5. Normalize: held-out demonstrations average a reward of 0 (InstructGPT, before RL).
     metrics: dict[str, Any] = final_metrics(trainer)

@@ -22,12 +22,13 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers import set_seed as hf_set_seed
+from transformers.trainer_callback import ExportableState
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.models.utils import unwrap_model_for_generation
 
-from pipeline import lora, tracking
+from pipeline import lora, signals, tracking
 from pipeline.checkpoint import StageOutput, build_summary
 from pipeline.config import Config, ConfigError, stage_key, to_dict
 from pipeline.data import DataError, as_chat, load_demonstrations, row_origin
@@ -39,6 +40,7 @@ from pipeline.training import (
     final_metrics,
     loss_before_training,
     save_stage_output,
+    train_or_resume,
     trainer_kwargs,
 )
 
@@ -86,8 +88,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), *(callbacks or [])],
+        callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
+                   *(callbacks or [])],
     )
+    trainer.add_callback(_token_count(trainer))
     check_launch(trainer, STAGE)
     trainer.configure_guard(STAGE, s.nan_policy)
 
@@ -111,7 +115,10 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         out.save_baseline(baseline)
 
     # 4. Train.
-    trainer.train(resume_from_checkpoint=resume_from)
+    # Reseeded right before training: whatever ran since the first seeding (a baseline measurement that a
+    # resumed run skips) must not change the training draws. A resumed run then restores the checkpoint's RNG.
+    hf_set_seed(cfg.seed)
+    train_or_resume(trainer, resume_from)
 
     # 5. Measure the fine-tuned model and save atomically.
     after, samples = measure("fine-tuned")
@@ -128,6 +135,22 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
 class GuardedSFTTrainer(NonFiniteGuard, SFTTrainer):
     """TRL's SFTTrainer behind the non-finite guard (pipeline/guards.py)."""
+def _token_count(trainer: SFTTrainer) -> TrainerCallback:
+    """TRL keeps the count of tokens trained on (the logged `num_tokens`) in the trainer only, so a resumed run
+    would count from 0 again. As an `ExportableState` callback, this one's state (the count) goes into every
+    checkpoint's trainer_state.json, which a resumed run loads before training starts: the count is handed
+    back to the trainer then."""
+
+    class TokenCount(TrainerCallback, ExportableState):
+        def state(self) -> dict[str, Any]:
+            return {"args": {}, "attributes": {"tokens": trainer._total_train_tokens}}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            saved = state.stateful_callbacks.get(type(self).__name__)
+            if isinstance(saved, dict):
+                trainer._total_train_tokens = saved["attributes"]["tokens"]
+
+    return TokenCount()
 
 
 def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, bool]:
