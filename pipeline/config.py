@@ -417,7 +417,13 @@ class LabelConfig:
         "sft", help="Policy whose samples are ranked: sft or ppo (this profile's output) or a model directory."
     )
     prompts: str | None = _f(None, help="Prompt source (`prompt` or `messages` rows); null = ppo.data.train.")
-    num_prompts: int = _f(256, help="Distinct prompts drawn (shuffled by the seed) from the prompt source.", ge=1)
+    num_prompts: int = _f(256, help="Prompts drawn (shuffled by the seed) from the prompt source (see label.draw).",
+                          ge=1)
+    draw: Literal["distinct", "source"] = _f(
+        "distinct", help="distinct: each distinct prompt at most once; source: the source's rows, repeats included, "
+        "so a prompt is labeled as often as PPO trains on it (and its held-out evaluation asks it): the reward "
+        "model learns most where the policy acts most.",
+    )
     k: int = _f(4, help="Completions sampled per prompt (InstructGPT: 4 to 9); duplicates and empty ones are "
                 "dropped, so a row may show fewer.", ge=2)
     temperature: float = _f(1.0, help="Sampling temperature.", gt=0)
