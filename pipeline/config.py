@@ -287,6 +287,11 @@ class RMConfig(TrainConfig):
         factory=list, help="More ranking sources trained on together with rm.data.train, e.g. the rankings each "
         "RLHF round collected on its policy's samples (make iterate); each is validated like rm.data.train.",
     )
+    extra_weight: float = _f(
+        1.0, help="Weight of each rm.extra_train prompt in the loss's mean over prompts, a rm.data.train prompt "
+        "weighing 1: a round's few hundred rankings of its policy's samples can count as much as the thousands "
+        "the reward model started from.", gt=0,
+    )
     policy_samples: str | None = _f(
         None, help="A finished policy stage directory (e.g. the last round's ppo output) whose held-out samples "
         "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
