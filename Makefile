@@ -137,7 +137,7 @@ $(call round_dir,$(1))/ppo/summary.json: $(call round_dir,$(1))/rm/summary.json 
 endef
 $(foreach r,$(ROUND_LIST),$(eval $(call ROUND,$(r))))
 
-iterate: $(RUN)/ppo/summary.json $(foreach r,$(ROUND_LIST),$(call round_dir,$(r))/ppo/summary.json)  ## RLHF rounds 1..ROUNDS (default 2): label the last policy's samples, retrain rm, ppo again
+iterate: $(RUN)/ppo/summary.json $(foreach r,$(ROUND_LIST),$(call round_dir,$(r))/ppo/summary.json)  ## RLHF rounds 1..ROUNDS (default 2): label the last policy's samples, retrain rm, ppo again (ROUND_FROM=last|sft)
 	@$(PY) -m pipeline rounds --config $(CONFIG) $(ARGS)
 
 # The ceiling of the rounds: the same PPO (iterations, beta) with the gold reward itself as the reward (tiny task).
