@@ -1,9 +1,12 @@
 """RLHF rounds (`make iterate`), shortened: a second round of labels on the first round's policy fixes the
 reward model where that policy went, and the second round's policy is better on held-out gold.
 
-The tiny profile's chain and both rounds, every stage shortened (SHORT), each stage called with the arguments the Makefile's rounds section passes (round_args). Nothing here
-knows the gold numbers: each assertion compares two measurements of the same run, so a round that labels the
-wrong samples, or an rm stage that ignores rm.extra_train, fails it.
+The tiny profile's chain and both rounds, every stage shortened (SHORT), each stage called with the arguments
+the Makefile's rounds section passes (round_args). Nothing here knows the gold numbers: each assertion compares
+two measurements of the same run, so a round that labels the wrong samples, or an rm stage that ignores
+rm.extra_train, fails it. About 35 minutes on a shared 2-core CPU (pretrain 5, ppo 16 + 6 of them); its run there:
+round 1's one-epoch reward model at chance on its policy's samples (0.490), round 2's 0.518; held-out gold 0.498
+(round 1, below SFT's 0.542: exploited) and 0.548 (round 2).
 """
 
 from __future__ import annotations
