@@ -4,7 +4,7 @@ reward model where that policy went, and the second round's policy is better on 
 The tiny profile's chain and both rounds, every stage shortened (SHORT), each stage called with the arguments
 the Makefile's rounds section passes (round_args). Nothing here knows the gold numbers: each assertion compares
 two measurements of the same run, so a round that labels the wrong samples, or an rm stage that ignores
-rm.extra_train, fails it. About 35 minutes on a shared 2-core CPU (pretrain 5, ppo 16 + 6 of them); its run there:
+rm.extra_train, fails it. 15 to 35 minutes on a shared 2-core CPU, by the load; two runs there gave the same numbers:
 round 1's one-epoch reward model at chance on its policy's samples (0.490), round 2's 0.518; held-out gold 0.498
 (round 1, below SFT's 0.542: exploited) and 0.548 (round 2).
 """
