@@ -333,6 +333,11 @@ class RMConfig(TrainConfig):
         factory=list, help="More ranking sources trained on together with rm.data.train, e.g. the rankings each "
         "RLHF round collected on its policy's samples (make iterate); each is validated like rm.data.train.",
     )
+    extra_weight: float = _f(
+        1.0, help="Weight of each rm.extra_train prompt in the loss's mean over prompts, a rm.data.train prompt "
+        "weighing 1: a round's few hundred rankings of its policy's samples can count as much as the thousands "
+        "the reward model started from.", gt=0,
+    )
     policy_samples: str | None = _f(
         None, help="A finished policy stage directory (e.g. the last round's ppo output) whose held-out samples "
         "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
@@ -478,7 +483,13 @@ class LabelConfig:
         "sft", help="Policy whose samples are ranked: sft or ppo (this profile's output) or a model directory."
     )
     prompts: str | None = _f(None, help="Prompt source (`prompt` or `messages` rows); null = ppo.data.train.")
-    num_prompts: int = _f(256, help="Distinct prompts drawn (shuffled by the seed) from the prompt source.", ge=1)
+    num_prompts: int = _f(256, help="Prompts drawn (shuffled by the seed) from the prompt source (see label.draw).",
+                          ge=1)
+    draw: Literal["distinct", "source"] = _f(
+        "distinct", help="distinct: each distinct prompt at most once; source: the source's rows, repeats included, "
+        "so a prompt is labeled as often as PPO trains on it (and its held-out evaluation asks it): the reward "
+        "model learns most where the policy acts most.",
+    )
     k: int = _f(4, help="Completions sampled per prompt (InstructGPT: 4 to 9); duplicates and empty ones are "
                 "dropped, so a row may show fewer.", ge=2)
     temperature: float = _f(1.0, help="Sampling temperature.", gt=0)

@@ -42,6 +42,7 @@ class Ranking:
     input_ids: list[list[int]]
     pairs: list[tuple[int, int]]
     truncated: int = 0  # completions cut to fit max_length (the dry run reports the count)
+    weight: float = 1.0  # the prompt's weight in the loss's mean over prompts (rm.extra_weight)
 
 
 def fit(prompt: list[int], completion: list[int], eos: int, max_length: int) -> tuple[list[int], bool]:
@@ -68,11 +69,13 @@ def encode_rankings(
     its prompt's tokens in PPO; the reward model then scores exactly the ids it will see there. With `chat`
     (config `chat_prompts`) the prompt is one user turn rendered by the chat template with the assistant's
     header, as PPO renders its prompts for a chat model (`evaluation.chat_prompt`; a prompt the label stage
-    already rendered stays as it is); `Ranking.prompt` stays the text of the row.
+    already rendered stays as it is); `Ranking.prompt` stays the text of the row. A `weight` column
+    (rm.extra_weight) sets each prompt's weight in the loss; 1 without one.
     """
     prompts = list(rows["prompt"])
     completions = list(rows["completions"])
     ranks = list(rows["ranks"])
+    weights = list(rows["weight"]) if "weight" in rows.column_names else [1.0] * len(prompts)
     texts = [chat_prompt(p, tokenizer) for p in prompts] if chat else prompts
     prompt_ids = tokenize(texts, tokenizer)
     flat = tokenize([c for cs in completions for c in cs], tokenizer)
@@ -92,7 +95,7 @@ def encode_rankings(
         pos += len(cs)
         truncated += cut_here
         out.append(Ranking(prompt=prompt, completions=list(cs), ranks=list(rk), input_ids=ids, pairs=pairs,
-                           truncated=cut_here))
+                           truncated=cut_here, weight=float(weights[i])))
     if truncated:
         log.warning("rm: %d of %d completions in '%s' exceed rm.max_length=%d tokens and were truncated "
                     "(prompt start first)", truncated, pos, key, max_length)
@@ -118,7 +121,8 @@ class RankingCollator:
     """Flatten whole prompts into one padded batch of completions, with the pairs as index rows.
 
     Output: `input_ids`/`attention_mask` [N, L] right-padded (N = Σ K over the batch's prompts),
-    `completion_group` [N] and `ranks` [N], `pairs` [P, 2] indices into the N completions, `pair_group` [P].
+    `completion_group` [N] and `ranks` [N], `pairs` [P, 2] indices into the N completions, `pair_group` [P],
+    and `group_weight` [G] when some prompt weighs other than 1.
     """
 
     def __init__(self, pad_token_id: int):
@@ -143,7 +147,7 @@ class RankingCollator:
         for i, s in enumerate(seqs):
             input_ids[i, : len(s)] = torch.tensor(s)
             attention_mask[i, : len(s)] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "completion_group": torch.tensor(group),
@@ -151,6 +155,9 @@ class RankingCollator:
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
             "pair_group": torch.tensor(pair_group, dtype=torch.long),
         }
+        if any(ex.weight != 1.0 for ex in examples):
+            batch["group_weight"] = torch.tensor([ex.weight for ex in examples], dtype=torch.float32)
+        return batch
 
 
 @torch.no_grad()

@@ -354,7 +354,7 @@ class Round:
     labels: int | None  # rankings this round added (the label stage's), None for round 1 / the oracle
     rm_agreement_before: float | None  # the previous round's RM on those samples (the label stage measures it)
     rm_agreement: float | None  # this round's RM vs gold on the samples of the policy this round starts from
-    gold_init: float | None  # held-out gold of the SFT policy
+    gold_init: float | None  # held-out gold of the SFT policy (round 1's starting point, whichever a round starts from)
     gold: float | None  # held-out gold of this round's PPO policy
     kl: float | None  # its held-out KL to SFT (nats per completion)
 
@@ -371,10 +371,13 @@ def load_rounds(run_dir: Path) -> list[Round]:
     dirs += [(f"round {n}", d) for n, d in numbered]
     if (run_dir / "oracle" / "ppo" / "summary.json").is_file():
         dirs.append(("oracle (gold reward)", run_dir / "oracle"))
+    sft_gold = None  # a round may start from the last policy (ROUND_FROM=last): its own `_init` is not SFT's
     for name, d in dirs:
         ppo = _metrics(d / "ppo")
         if ppo is None:
             continue
+        if name == "round 1":
+            sft_gold = ppo.get("eval/gold_score_init")
         rm = _metrics(d / "rm") if name != "oracle (gold reward)" else None
         label = _metrics(d / "label") if name.startswith("round ") and name != "round 1" else None
         agreement = None
@@ -382,7 +385,8 @@ def load_rounds(run_dir: Path) -> list[Round]:
             agreement = rm.get("eval/gold_agreement_policy_samples", rm.get("eval/gold_agreement_sft_samples"))
         rounds.append(Round(name, d / "ppo", label.get("rankings") if label else None,
                             label.get("rm_gold_agreement") if label else None, agreement,
-                            ppo.get("eval/gold_score_init"), ppo.get("eval/gold_score"),
+                            sft_gold if sft_gold is not None else ppo.get("eval/gold_score_init"),
+                            ppo.get("eval/gold_score"),
                             ppo.get("eval/kl_to_sft", ppo.get("eval/kl"))))
     return rounds
 

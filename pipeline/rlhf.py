@@ -43,6 +43,7 @@ def ranking_loss(
     margins: torch.Tensor | None = None,
     completion_group: torch.Tensor | None = None,
     center_coef: float = 0.0,
+    group_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InstructGPT's K-way ranking loss, averaged per prompt, then over prompts.
 
@@ -56,12 +57,19 @@ def ranking_loss(
         center_coef: weight c of the reward-centering term c · mean_g (mean_k r_gk)², which pins each
             prompt's average reward near 0 without changing any comparison (Eisenstein et al. 2023 use the
             pairwise form (r_w + r_l)²).
+        group_weights: optional [G] weight of each prompt in the mean over prompts (a weighted mean: Σ w_g l_g / Σ w_g),
+            e.g. a later RLHF round's rankings of its policy's samples counted more than the original rankings.
     """
     diff = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
     if margins is not None:
         diff = diff - margins
     per_pair = -F.logsigmoid(diff)
-    loss = per_group_mean(per_pair, pair_group, num_groups).mean()
+    per_group = per_group_mean(per_pair, pair_group, num_groups)
+    if group_weights is None:
+        loss = per_group.mean()
+    else:
+        w = group_weights.to(per_group.dtype)
+        loss = (per_group * w).sum() / w.sum()
     if center_coef:
         if completion_group is None:
             raise ValueError("center_coef > 0 needs completion_group")

@@ -96,6 +96,24 @@ def test_merge_keeps_each_labelers_ranking_and_measures_agreement(tmp_path: Path
     assert main(["label", "--merge", str(a), str(bad), "-o", str(tmp_path / "x.jsonl")]) == 2
 
 
+def test_draw_distinct_or_as_often_as_the_source_asks() -> None:
+    """label.draw: distinct prompts once each, or the source's rows with their repeats (a prompt PPO trains on
+    often is labeled often), both shuffled by the seed and cut at label.num_prompts."""
+    from collections import Counter
+
+    from pipeline.stages.label import _draw
+
+    source = [{"prompt": "count to six\n"}] * 30 + [{"prompt": f"name {i} fruits\n"} for i in range(10)]
+    distinct = _draw(source, 100, seed=0)
+    assert sorted(r["prompt"] for r in distinct) == sorted({r["prompt"] for r in source})
+    repeats = _draw(source, 100, seed=0, distinct=False)
+    assert Counter(r["prompt"] for r in repeats) == Counter(r["prompt"] for r in source)
+    first = _draw(source, 20, seed=0, distinct=False)
+    assert len(first) == 20 and first == _draw(source, 20, seed=0, distinct=False)
+    assert 10 <= Counter(r["prompt"] for r in first)["count to six\n"] < 20  # ~15 of 20, as often as in the source
+    assert [r["prompt"] for r in first] != [r["prompt"] for r in _draw(source, 20, seed=1, distinct=False)]
+
+
 def test_gold_labeler_needs_a_gold_reward(make_config: Callable[..., Config], sft_dir: Path) -> None:
     from pipeline.stages import label
 

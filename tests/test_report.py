@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.__main__ import main
 from pipeline.config import Config, load_config
-from pipeline.report import load_stages, write_report
+from pipeline.report import load_rounds, load_stages, rounds_lines, write_report
 from pipeline.stages import pretrain, sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,3 +235,18 @@ def test_rounds_side_by_side_in_the_report_and_make_iterates_table(
     empty = tmp_path / "empty"
     assert main(["rounds", "--config", "configs/tiny.yaml", f"run_dir={empty}"]) == 2
     assert "make iterate" in capsys.readouterr().err
+
+
+def test_rounds_gain_is_over_sft_even_when_a_round_starts_from_the_last_policy(tmp_path: Path) -> None:
+    """ROUND_FROM=last: round 2's PPO measured round 1's policy as its `_init`; the rounds table's gain is still
+    over the SFT policy (round 1's `_init`), like the oracle's, so the rounds compare on one baseline."""
+    def ppo(d: Path, init: float, final: float) -> None:
+        write_stage(d, "ppo", {"eval/gold_score_init": init, "eval/gold_score": final, "eval/kl_to_sft": 0.5}, [])
+
+    ppo(tmp_path, 0.70, 0.78)
+    ppo(tmp_path / "round-2", 0.78, 0.83)  # started from round 1's policy
+    ppo(tmp_path / "oracle", 0.70, 0.81)
+    rounds = load_rounds(tmp_path)
+    assert [r.name for r in rounds] == ["round 1", "round 2", "oracle (gold reward)"]
+    assert [round(r.gain, 4) for r in rounds] == [0.08, 0.13, 0.11]
+    assert "+0.1300" in rounds_lines(rounds)[2]

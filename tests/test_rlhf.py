@@ -43,6 +43,14 @@ def test_ranking_loss_averages_each_prompts_pairs_then_weights_prompts_equally()
     assert float(loss) != pytest.approx((LOSS_A * 5 + LOSS_B) / 6, abs=1e-3)
 
 
+def test_group_weights_make_a_weighted_mean_over_prompts() -> None:
+    """rm.extra_weight: prompt B weighing 3 counts as three copies of it would; all weights 1 is the plain mean."""
+    loss = rlhf.ranking_loss(REWARDS, PAIRS, PAIR_GROUP, 2, group_weights=torch.tensor([1.0, 3.0]))
+    assert float(loss) == pytest.approx((LOSS_A + 3 * LOSS_B) / 4, abs=1e-6)
+    ones = rlhf.ranking_loss(REWARDS, PAIRS, PAIR_GROUP, 2, group_weights=torch.ones(2))
+    assert float(ones) == pytest.approx((LOSS_A + LOSS_B) / 2, abs=1e-6)
+
+
 def test_one_prompt_is_instructgpts_mean_over_its_comparisons() -> None:
     loss = rlhf.ranking_loss(REWARDS[:4], PAIRS[:5], PAIR_GROUP[:5], num_groups=1)
     assert float(loss) == pytest.approx(LOSS_A, abs=1e-6)

@@ -25,7 +25,7 @@ from pipeline.modeling import (
     ensure_distinct_pad,
     shift_reward,
 )
-from pipeline.ranking import Ranking, RankingCollator, fit, ranking_metrics
+from pipeline.ranking import Ranking, RankingCollator, encode_rankings, fit, ranking_metrics
 from pipeline.stages import rm
 
 # ------------------------------------------------------------------------------------------ batching
@@ -44,6 +44,9 @@ def test_collator_puts_whole_prompts_in_one_batch_with_offset_pairs() -> None:
     # b's pair (1, 0) becomes (5, 4): indices into the flat batch of completions.
     assert batch["pairs"].tolist() == [[0, 1], [0, 2], [0, 3], [1, 3], [2, 3], [5, 4]]
     assert batch["pair_group"].tolist() == [0, 0, 0, 0, 0, 1]
+    assert "group_weight" not in batch  # every prompt weighs 1: the plain mean over prompts
+    b.weight = 4.0
+    assert RankingCollator(pad_token_id=1)([a, b])["group_weight"].tolist() == [1.0, 4.0]
 
 
 def test_fit_cuts_the_prompt_start_first_and_always_keeps_the_eos() -> None:
@@ -264,7 +267,7 @@ def test_two_processes_score_every_held_out_prompt_once(make_config: Callable[..
 
 
 def test_extra_train_sources_join_the_training_rankings_and_the_stamp(
-    make_config: Callable[..., Config], tmp_path: Path
+    make_config: Callable[..., Config], tmp_path: Path, sft_dir: Path
 ) -> None:
     """rm.extra_train: each round's rankings of its policy's samples train together with rm.data.train."""
     extra = _write(tmp_path / "round-2.jsonl", [
@@ -277,6 +280,12 @@ def test_extra_train_sources_join_the_training_rankings_and_the_stamp(
     assert len(train) == len(base_train) + 1 and train[-1]["completions"] == ["one two", "two", "one"]
     from pipeline.config import data_sources
     assert [s.key for s in data_sources(cfg, "rm")][:3] == ["rm.data.train", "rm.data.eval", "rm.extra_train[0]"]
+    # rm.extra_weight: the extra rankings weigh that much in the loss, the profile's keep 1.
+    weighted, _, _, _ = rm.load_data(make_config(f"rm.extra_train=[{extra}]", "rm.extra_weight=4"))
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    encoded = encode_rankings(weighted, tok, 64, "rm.data.train")
+    assert [x.weight for x in encoded] == [1.0] * len(base_train) + [4.0]
+    assert {x.weight for x in encode_rankings(train, tok, 64, "rm.data.train")} == {1.0}
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completions": ["a", "b"], "ranks": [1]}])
     with pytest.raises(DataError, match=r"bad\.jsonl, row 1, field 'ranks'"):
         rm.load_data(make_config(f"rm.extra_train=[{extra},{bad}]"))

@@ -1,8 +1,9 @@
 """Stage label: rank the policy's own samples, the H in RLHF.
 
 sample → to-label file → rank:
-  1. draw `label.num_prompts` distinct prompts (shuffled by the seed) from `label.prompts`, by default PPO's
-     training prompts: the distribution the reward model has to judge;
+  1. draw `label.num_prompts` prompts (shuffled by the seed) from `label.prompts`, by default PPO's training
+     prompts: the distribution the reward model has to judge; distinct ones (`label.draw: distinct`), or the
+     source's rows with their repeats (`source`), so each prompt is labeled as often as PPO trains on it;
   2. sample `label.k` completions of each from a finished policy (`label.policy`: sft, ppo or a directory);
      empty completions and duplicates are dropped (they carry no comparison, and people should not read one
      twice), and a prompt left with fewer than 2 is dropped too; all counted in the summary;
@@ -56,7 +57,8 @@ def run(cfg: Config) -> dict[str, Any]:
     # 1. Prompts first: a malformed row fails before a model is loaded.
     source, key = (lab.prompts, "label.prompts") if lab.prompts else (cfg.ppo.data.train, "ppo.data.train")
     prompts = load_prompts(source, registry=cfg.datasets)
-    rows = _draw(list(as_chat(prompts) if cfg.chat_prompts else prompts), lab.num_prompts, seed)
+    rows = _draw(list(as_chat(prompts) if cfg.chat_prompts else prompts), lab.num_prompts, seed,
+                 lab.draw == "distinct")
     state = PartialState()
     out = StageOutput(cfg.stage_dir(STAGE), stage_key(cfg, STAGE))
     if state.is_main_process:
@@ -141,17 +143,21 @@ def _keep_human_rankings(cfg: Config) -> None:
         )
 
 
-def _draw(rows: list[dict], n: int, seed: int) -> list[dict]:
-    """`n` distinct prompts in an order shuffled by the seed (all of them when the source has fewer)."""
-    seen: dict[str, dict] = {}
-    for row in rows:
-        seen.setdefault(json.dumps(row.get("messages") or row.get("prompt")), row)
-    distinct = list(seen.values())
-    random.Random(f"label:{seed}").shuffle(distinct)
-    if len(distinct) < n:
-        log.info("label: the prompt source has %d distinct prompts (label.num_prompts=%d): using all", len(distinct),
-                 n)
-    return distinct[:n]
+def _draw(rows: list[dict], n: int, seed: int, distinct: bool = True) -> list[dict]:
+    """`n` prompts in an order shuffled by the seed (all of them when the source has fewer): each distinct
+    prompt once, or (`distinct` false) the source's rows with their repeats, a prompt as often as it occurs."""
+    if distinct:
+        seen: dict[str, dict] = {}
+        for row in rows:
+            seen.setdefault(json.dumps(row.get("messages") or row.get("prompt")), row)
+        rows = list(seen.values())
+    else:
+        rows = list(rows)
+    random.Random(f"label:{seed}").shuffle(rows)
+    if len(rows) < n:
+        log.info("label: the prompt source has %d %s (label.num_prompts=%d): using all", len(rows),
+                 "distinct prompts" if distinct else "rows", n)
+    return rows[:n]
 
 
 def _sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], lab: LabelConfig,

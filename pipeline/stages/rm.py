@@ -181,6 +181,9 @@ def load_data(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset | None, s
     train_rows = load_rankings(r.data.train, r.data.skip_invalid, cfg.datasets)
     if r.extra_train:  # e.g. each RLHF round's rankings of its policy's samples, all in one training set
         extra = [load_rankings(source, r.data.skip_invalid, cfg.datasets) for source in r.extra_train]
+        if r.extra_weight != 1.0:  # each prompt's weight in the loss (encode_rankings reads the column)
+            train_rows = train_rows.add_column("weight", [1.0] * len(train_rows))
+            extra = [x.add_column("weight", [r.extra_weight] * len(x)) for x in extra]
         train_rows = datasets.concatenate_datasets([train_rows, *extra])
     eval_rows = load_rankings(r.data.eval, r.data.skip_invalid, cfg.datasets) if r.data.eval else None
     demo_source = r.normalize_data or cfg.sft.data.eval
@@ -214,7 +217,8 @@ class RankingTrainer(NonFiniteGuard, Trainer):
         num_groups = int(group[-1]) + 1
         margins = rlhf.rank_margins(inputs["ranks"], pairs, self.rm.margin) if self.rm.margin else None
         loss = rlhf.ranking_loss(rewards, pairs, inputs["pair_group"], num_groups, margins=margins,
-                                 completion_group=group, center_coef=self.rm.center_coef)
+                                 completion_group=group, center_coef=self.rm.center_coef,
+                                 group_weights=inputs.get("group_weight"))
         self.check_loss(loss)  # before backward: a NaN stops (or skips) here, the weights untouched
         with torch.no_grad():
             r = rewards.detach().float()
