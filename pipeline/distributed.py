@@ -166,6 +166,21 @@ def inner(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Within the block, `from_pretrained` loads a plain, whole model even under ZeRO-3 (e.g. a LoRA stage merging
+    its adapter on the main process): transformers would otherwise partition the weights as it loads them, a
+    collective the other ranks never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+@contextmanager
 def gathered_for_generation(model: torch.nn.Module, accelerator: Accelerator, gather: bool = True) -> Iterator[Any]:
     """The unwrapped trained model, its ZeRO-3 shards gathered once for a whole `generate` when `gather`.
 

@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from pipeline.config import ConfigError, LoRAConfig, ModelConfig
+from pipeline.distributed import without_zero3_init
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def merged_model(base_path: str | Path, adapter_dir: Path, model_cls: type, dtyp
                  vocab_size: int | None = None, **kwargs: Any) -> PreTrainedModel:
     """The adapter merged into a full-precision copy of its base (never into 4-bit weights), a plain model.
     `dtype` is model.dtype (float32, or bfloat16 for big models: the copy is made on the CPU)."""
-    base = model_cls.from_pretrained(str(base_path), dtype=DTYPES.get(dtype, "auto"), **kwargs)
+    with without_zero3_init():  # runs on the main process alone
+        base = model_cls.from_pretrained(str(base_path), dtype=DTYPES.get(dtype, "auto"), **kwargs)
     if vocab_size is not None and base.get_input_embeddings().num_embeddings != vocab_size:
         base.resize_token_embeddings(vocab_size)  # e.g. the reward model's added pad token
     config = LoraConfig.from_pretrained(str(adapter_dir))

@@ -120,6 +120,7 @@ def test_lora_ppo_holds_one_base_and_the_reference_is_the_sft_model_exactly(lora
     assert float((policy - expected).abs().max()) > 1e-4, "the policy adapter did not train"
 
 
+@pytest.mark.slow
 def test_lora_ppo_with_activation_checkpointing_takes_the_same_steps(lora_chain: dict[str, Any], tmp_path: Path
                                                                       ) -> None:
     """Policy and value are two adapters of one base, switched inside one forward: a checkpointed layer recomputed
