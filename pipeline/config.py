@@ -563,14 +563,16 @@ STAGES = ("pretrain", "sft", "rm", "ppo", "label")
 # How the LoRA stages load their frozen base (QLoRA): part of what sft, rm and ppo produce.
 QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit", "model.bnb_4bit_quant_type",
                      "model.bnb_4bit_use_double_quant", "model.bnb_4bit_compute_dtype")
+# The model keys sft, rm and ppo read (the dtype: what a LoRA adapter is merged in).
+MODEL_READS = ("model.dtype", "model.trust_remote_code", *QUANTIZATION_KEYS)
 
 # The top-level keys besides its own section that shape each stage's result. They decide when an
 # interrupted run may resume, and when `make` must rebuild a stage (see `python -m pipeline stamp`).
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "model", "tokenizer"),
-    "sft": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
-    "rm": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
-    "ppo": ("seed", "gold_reward", "chat_prompts", *QUANTIZATION_KEYS),
+    "sft": ("seed", "gold_reward", "chat_prompts", "model.dtype", *QUANTIZATION_KEYS),
+    "rm": ("seed", "gold_reward", "chat_prompts", "model.dtype", *QUANTIZATION_KEYS),
+    "ppo": ("seed", "gold_reward", "chat_prompts", "model.dtype", *QUANTIZATION_KEYS),
     "label": ("seed", "gold_reward", "chat_prompts"),
 }
 
@@ -580,15 +582,15 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # tests/test_cli.py checks every `cfg.<key>` a stage module touches is covered here.
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "pretrain": ("profile", "seed", "run_dir", "model", "tokenizer", "tracking", "datasets"),
-    # model.trust_remote_code: every stage loads its models with it (it changes no output).
-    "sft": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets",
-            "model.trust_remote_code", *QUANTIZATION_KEYS),
+    # model: trust_remote_code (every stage loads its models with it; it changes no output), and for the LoRA
+    # stages the quantization keys and dtype (the dtype the adapter is merged in).
+    "sft": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets", *MODEL_READS),
     # rm.normalize_data falls back to the SFT held-out demonstrations.
     "rm": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets", "sft.data.eval",
-           "sft.data.skip_invalid", "model.trust_remote_code", *QUANTIZATION_KEYS),
+           "sft.data.skip_invalid", *MODEL_READS),
     # ppo.ptx_data / ppo.ptx_eval_data fall back to the pretraining corpus.
     "ppo": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "tracking", "datasets",
-            "pretrain.data.train", "pretrain.data.eval", "model.trust_remote_code", *QUANTIZATION_KEYS),
+            "pretrain.data.train", "pretrain.data.eval", *MODEL_READS),
     # label.prompts falls back to the PPO prompts; label.policy names the sft or ppo output (run_dir).
     "label": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "datasets", "ppo.data.train",
               "model.trust_remote_code"),

@@ -51,7 +51,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from pipeline.config import ConfigError, LoRAConfig, ModelConfig
+from pipeline.config import Config, ConfigError, LoRAConfig
 from pipeline.distributed import without_zero3_init
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ------------------------------------------------------------------------------------------------- building
 
 
-def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
+def quantization_config(cfg: Config) -> BitsAndBytesConfig | None:
     """bitsandbytes' settings for QLoRA (4-bit NF4, double quantization) or LLM.int8, or None for full precision."""
+    model_cfg = cfg.model
     if model_cfg.load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -79,8 +80,9 @@ def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
     return None
 
 
-def check_quantization(model_cfg: ModelConfig, lora: LoRAConfig, stage: str) -> None:
+def check_quantization(cfg: Config, lora: LoRAConfig, stage: str) -> None:
     """A quantized model cannot be fine-tuned in full: quantization needs the stage's adapter."""
+    model_cfg = cfg.model
     if (model_cfg.load_in_4bit or model_cfg.load_in_8bit) and not lora.enabled:
         bits = "4" if model_cfg.load_in_4bit else "8"
         raise ConfigError(f"model.load_in_{bits}bit trains an adapter on a frozen quantized base: set {stage}.lora.r "

@@ -157,7 +157,7 @@ def test_qlora_sft_trains_through_a_4bit_base_and_saves_a_full_precision_merge(
                                             "model.load_in_4bit=true", "model.bnb_4bit_compute_dtype=float32"])
     metrics = sft.run(cfg)
     assert metrics["train/loss"] == metrics["train/loss"]  # finite
-    quant = lora.quantization_config(cfg.model)
+    quant = lora.quantization_config(cfg)
     base4 = AutoModelForCausalLM.from_pretrained(run / "pretrain", quantization_config=quant, device_map={"": "cpu"})
     assert type(base4.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
     lora.keep_trainable_4bit_layout(base4)  # the layout training used (no CPU inference repacking)

@@ -81,7 +81,7 @@ def run(cfg: Config) -> dict[str, Any]:
     rm_target = None if p.reward_model else f"rm PROFILE={cfg.profile}"
     remote = cfg.model.trust_remote_code
     _check_lora(cfg)
-    quantization = lora.quantization_config(cfg.model) if p.lora.enabled else None
+    quantization = lora.quantization_config(cfg) if p.lora.enabled else None
     policy, tokenizer = load_stage_model(init, make_target=None if p.init else f"sft PROFILE={cfg.profile}",
                                          quantization=quantization, trust_remote_code=remote)
     rm_adapter = lora.rm_adapter(rm_path, init) if p.lora.enabled else None
@@ -527,7 +527,7 @@ def _log_samples_table(name: str, r: Rollout, kl: torch.Tensor, n: int) -> None:
 def _check_lora(cfg: Config) -> None:
     """What the one-base LoRA layout cannot do, said before any model is loaded."""
     p = cfg.ppo
-    lora.check_quantization(cfg.model, p.lora, STAGE)
+    lora.check_quantization(cfg, p.lora, STAGE)
     if not p.lora.enabled:
         return
     if p.reference and p.reference != (p.init or str(cfg.stage_dir("sft"))):

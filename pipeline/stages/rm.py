@@ -65,9 +65,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model: the SFT causal LM; transformers swaps its LM head for a fresh scalar head.
     init = r.init or str(cfg.stage_dir("sft"))
-    lora.check_quantization(cfg.model, r.lora, STAGE)
+    lora.check_quantization(cfg, r.lora, STAGE)
     model, tokenizer = load_reward_model(init, make_target=f"sft PROFILE={cfg.profile}" if not r.init else None,
-                                         quantization=lora.quantization_config(cfg.model) if r.lora.enabled else None,
+                                         quantization=lora.quantization_config(cfg) if r.lora.enabled else None,
                                          trust_remote_code=cfg.model.trust_remote_code)
     if r.lora.enabled:  # an adapter on the frozen (QLoRA: 4-bit) model; the scalar head trains in full
         model = lora.wrap(model, r.lora, "SEQ_CLS", r.gradient_checkpointing)

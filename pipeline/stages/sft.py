@@ -60,9 +60,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
     # 2. Starting model.
     init = s.init or str(cfg.stage_dir("pretrain"))
-    lora.check_quantization(cfg.model, s.lora, STAGE)
+    lora.check_quantization(cfg, s.lora, STAGE)
     model, tokenizer = load_stage_model(init, make_target=f"pretrain PROFILE={cfg.profile}" if not s.init else None,
-                                        quantization=lora.quantization_config(cfg.model) if s.lora.enabled else None,
+                                        quantization=lora.quantization_config(cfg) if s.lora.enabled else None,
                                         trust_remote_code=cfg.model.trust_remote_code)
     if conversational:  # before SFTTrainer, which would stop with a library error on a template it cannot patch
         training_chat_template(tokenizer, init)
