@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # a LoRA stage's adapter, in peft's format, inside its output directory
 POLICY, VALUE, REWARD = "default", "value", "reward"  # the adapters of PPO's shared base
-HEAD_FILE = "score_head.safetensors"  # a scalar head saved beside a value/reward adapter
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -124,10 +123,6 @@ def keep_trainable_4bit_layout(model: torch.nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-
-
-def is_peft(model: Any) -> bool:
-    return isinstance(model, PeftModel)
 
 
 # ------------------------------------------------------------------------------------------------- switching
