@@ -354,9 +354,6 @@ def _setup_logging() -> None:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes (imported by peft) warns at import on CPUs that it has no optional `kernels` package for
-    # its 4-bit matmul and falls back to its own; nothing the user can or needs to act on.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
