@@ -96,7 +96,7 @@ def test_every_metric_or_key_the_prose_names_exists(metrics: set[str]) -> None:
 def test_a_misspelt_metric_or_key_would_be_caught(metrics: set[str]) -> None:
     # The checks above are only worth something if they can fail.
     keys = {key for key, _, _ in describe()}
-    assert "ppo/kl_divergence" not in metrics and "ppo.gradient_checkpointing" not in keys
+    assert "ppo/kl_divergence" not in metrics and "ppo.learning_rate" not in keys
     body = "**Metrics:** `ppo/kl`, `ppo/kl_divergence`\n**Config:** `ppo.kl_coef`\n"
     assert set(line_names(body, "Metrics")) - metrics == {"ppo/kl_divergence"}
 
