@@ -118,8 +118,11 @@ def run(cfg: Config) -> dict[str, Any]:
                    if ptx_eval_corpus is not None else None)
 
     if p.lora.enabled:
-        model = lora.build_shared_base(policy, p.lora, p.gradient_checkpointing, rm_adapter,
-                                       None if reward_model is None else reward_model.score.weight.detach().clone(),
+        rm_head = None
+        if reward_model is not None:  # a separate RM: its head starts the value head (gathered under ZeRO-3)
+            with torch.no_grad(), distributed.gathered_params([reward_model.score.weight]):
+                rm_head = reward_model.score.weight.detach().clone()
+        model = lora.build_shared_base(policy, p.lora, p.gradient_checkpointing, rm_adapter, rm_head,
                                        lora.reward_shift(rm_path) if rm_adapter else 0.0)
         if p.disable_dropout:  # the adapters' own dropout, added just now
             disable_dropout_in_model(model)
