@@ -53,12 +53,12 @@ from transformers import (
 
 from pipeline.config import Config, ConfigError, LoRAConfig
 from pipeline.distributed import without_zero3_init
+from pipeline.modeling import DTYPES
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # a LoRA stage's adapter, in peft's format, inside its output directory
 POLICY, VALUE, REWARD = "default", "value", "reward"  # the adapters of PPO's shared base
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -171,10 +171,7 @@ def save_adapter(model: PeftModel, directory: Path, adapter: str = "default",
     weights = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    config = model.peft_config[adapter]
-    base = config.base_model_name_or_path
-    config.save_pretrained(str(directory))
-    config.base_model_name_or_path = base
+    model.peft_config[adapter].save_pretrained(str(directory))
 
 
 def merged_model(base_path: str | Path, adapter_dir: Path, model_cls: type, dtype: str = "float32",
@@ -182,7 +179,7 @@ def merged_model(base_path: str | Path, adapter_dir: Path, model_cls: type, dtyp
     """The adapter merged into a full-precision copy of its base (never into 4-bit weights), a plain model.
     `dtype` is model.dtype (float32, or bfloat16 for big models: the copy is made on the CPU)."""
     with without_zero3_init():  # runs on the main process alone
-        base = model_cls.from_pretrained(str(base_path), dtype=DTYPES.get(dtype, "auto"), **kwargs)
+        base = model_cls.from_pretrained(str(base_path), dtype=DTYPES[dtype], **kwargs)
     if vocab_size is not None and base.get_input_embeddings().num_embeddings != vocab_size:
         base.resize_token_embeddings(vocab_size)  # e.g. the reward model's added pad token
     config = LoraConfig.from_pretrained(str(adapter_dir))
