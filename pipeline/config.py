@@ -199,7 +199,8 @@ class LoRAConfig:
     )
     modules_to_save: list[str] = _f(
         factory=list, help="Modules trained in full besides the adapters (e.g. [embed_tokens]); the reward "
-        "model's scalar head (score) always is.",
+        "model's scalar head (score) always is. In a model with tied embeddings (GPT-2) the output head trains "
+        "with the embedding, as one matrix.",
     )
 
     @property

@@ -30,6 +30,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,24 @@ def peft_config(cfg: LoRAConfig, task: str) -> LoraConfig:
         modules_to_save=list(cfg.modules_to_save) or None,  # SEQ_CLS adds the `score` head itself
         task_type=task,
         bias="none",
+        # A tied model (GPT-2, Qwen2.5-0.5B) keeps its input embedding and output head one trained matrix when
+        # modules_to_save names either (`tied_modules_to_save` adds the other); peft unties them otherwise.
+        ensure_weight_tying=True,
     )
+
+
+def tied_modules_to_save(model: PreTrainedModel, cfg: LoRAConfig) -> LoRAConfig:
+    """`cfg` with the tied partner added when modules_to_save names a tied model's input embedding or its output
+    head: training one copy alone would untie them (the head frozen while the embedding trains)."""
+    if not cfg.modules_to_save or not getattr(model.config, "tie_word_embeddings", False):
+        return cfg
+    out = model.get_output_embeddings()
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    pair = {names.get(model.get_input_embeddings()), names.get(out) if out is not None else None} - {None}
+    wanted = set(cfg.modules_to_save)
+    if len(pair) != 2 or not wanted & pair or pair <= wanted:
+        return cfg
+    return replace(cfg, modules_to_save=[*cfg.modules_to_save, *sorted(pair - wanted)])
 
 
 def wrap(model: PreTrainedModel, cfg: LoRAConfig, task: str, gradient_checkpointing: bool = False) -> PeftModel:
@@ -109,6 +127,7 @@ def wrap(model: PreTrainedModel, cfg: LoRAConfig, task: str, gradient_checkpoint
         keep_trainable_4bit_layout(model)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings' output must carry gradients through checkpoints
+    cfg = tied_modules_to_save(model, cfg) if task == "CAUSAL_LM" else cfg
     wrapped = get_peft_model(model, peft_config(cfg, task))
     trainable, total = wrapped.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %d modules: %s trainable of %s parameters (%.2f%%)", cfg.r, len(wrapped.peft_config["default"].
@@ -184,7 +203,24 @@ def merged_model(base_path: str | Path, adapter_dir: Path, model_cls: type, dtyp
         base.resize_token_embeddings(vocab_size)  # e.g. the reward model's added pad token
     config = LoraConfig.from_pretrained(str(adapter_dir))
     config.task_type = None  # a plain PeftModel: a causal-LM adapter merges into a sequence classifier too
-    return PeftModel.from_pretrained(base, str(adapter_dir), config=config).merge_and_unload()
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir), config=config).merge_and_unload()
+    _retie(merged, tied)
+    return merged
+
+
+def _retie(model: PreTrainedModel, tied: bool) -> None:
+    """peft unties a tied model when it merges a trained copy of its embedding (modules_to_save) and says so in the
+    config; the embedding and the head trained as one matrix (`tied_modules_to_save`), so one copy is kept and
+    the model stays tied, as its base was."""
+    if not tied or getattr(model.config, "tie_word_embeddings", False):
+        return
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None:  # a sequence classifier has no head to tie: only the flag changed
+        model.config.tie_word_embeddings = True
+    elif torch.equal(out.weight, inp.weight):
+        out.weight = inp.weight
+        model.config.tie_word_embeddings = True
 
 
 # ------------------------------------------------------------------------------------------------- PPO
@@ -342,6 +378,7 @@ def build_shared_base(base: PreTrainedModel, cfg: LoRAConfig, gradient_checkpoin
       and the `value` adapter and head initialised from it (InstructGPT initialises the value model from the RM);
     - else: a fresh `value` adapter and the separate reward model's head `rm_head` ([1, hidden]).
     `rm_shift` is the reward model's normalization, subtracted from the reward adapter's score."""
+    cfg = tied_modules_to_save(base, cfg)
     model = wrap(base, cfg, "CAUSAL_LM")  # checkpointing is enabled below, adapter-aware
     reward_head = None
     if rm_adapter_dir is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import small_overrides
-from peft import PeftModel
+from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline import lora
@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.modeling import compute_rewards, load_reward_model
 from pipeline.stages import ppo, pretrain, rm, sft
 
-LORA = ["sft.lora.r=8", "sft.lora.alpha=16", "sft.lr=5e-3", "rm.lora.r=8", "rm.lr=2e-3", "ppo.lora.r=8",
+LORA = ["sft.lora.r=8", "sft.lora.alpha=16", "sft.lr=5e-3", "sft.lora.modules_to_save=[wte]", "rm.lora.r=8", "rm.lr=2e-3", "ppo.lora.r=8",
         "ppo.lr=5e-4", "tracking.wandb=false", "ppo.iterations=2", "ppo.eval_steps=null"]
 
 
@@ -75,6 +75,14 @@ def test_lora_stage_outputs_are_plain_models_equal_to_base_plus_adapter(lora_cha
             a, b, c = merged(ids).logits, with_adapter(ids).logits, plain(ids).logits
         assert torch.allclose(a, b, atol=1e-4), (stage, float((a - b).abs().max()))
         assert float((a - c).abs().max()) > 1e-3, f"{stage}: the adapter changed nothing"
+    # sft trained GPT-2's tied embedding in full (modules_to_save: [wte]): the output head trained with it, as one
+    # matrix, and the merged model is still tied (peft alone would untie them and leave the head at the base's).
+    merged, base = AutoModelForCausalLM.from_pretrained(run / "sft"), AutoModelForCausalLM.from_pretrained(
+        run / "pretrain")
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.transformer.wte.weight
+    assert not torch.equal(merged.lm_head.weight, base.lm_head.weight)
+    saved = load_peft_weights(str(run / "sft" / "adapter"), device="cpu")
+    assert any("wte" in k for k in saved), sorted(saved)
     # The reward model: merged (normalization shift in its weights) = base + adapter + head - shift.
     summary = json.loads((run / "rm" / "summary.json").read_text())
     shift = summary["normalization"]["shift"]
