@@ -51,6 +51,7 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
 
     marks: list[dict[str, Any]] = []
     sample_batch, ppo_update = stage.sample_batch, stage.ppo_update
+    counter = StepCounter()
 
     def timed_sample(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -98,6 +99,7 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
         "expected_tokens": episodes * s.max_new_tokens, "opt_seconds": opt_seconds, "opt_flops": opt_flops,
         "opt_flops_per_s": opt_flops / opt_seconds, "matmul_flops_per_s": mc_matmul, "minibatch_seq": [s.minibatch_size, timed[0]["seq"][1]],
         "n_embd": mc.n_embd, "vocab": mc.vocab_size, "torch_threads": torch.get_num_threads(),
+        "optimizer_steps": counter.steps, "expected_steps": s.optimizer_steps,
     }
 
 
@@ -131,12 +133,27 @@ def run_sft(assets: Path, s: SFTBench) -> dict[str, Any]:
     import pipeline.stages.sft as stage
     from pipeline.config import load_config
 
-    clock = SFTClock()
+    clock, counter = SFTClock(), StepCounter()
     with tempfile.TemporaryDirectory() as run_dir:
         overrides, _ = sft_settings(s, run_dir, str(assets / "policy"), str(assets / s.data))
         cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
         stage.run(cfg, callbacks=[clock.callback(TrainerCallback)])
-    return {"stage": "sft", "side": "ours", **clock.result(), "torch_threads": torch.get_num_threads()}
+    return {"stage": "sft", "side": "ours", **clock.result(), "optimizer_steps": counter.steps,
+            "torch_threads": torch.get_num_threads()}
+
+
+class StepCounter:
+    """Counts every optimizer step of the process (torch's global post-step hook): the two sides of a line
+    must take the same number (an accelerate step skipped for gradient accumulation is not counted)."""
+
+    def __init__(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.steps = 0
+        self.handle = register_optimizer_step_post_hook(self._count)
+
+    def _count(self, *args: Any) -> None:
+        self.steps += 1
 
 
 class SFTClock:

@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
 
-from ours import SFTClock, quiet  # noqa: E402
+from ours import SFTClock, StepCounter, quiet  # noqa: E402
 from settings import PPOBench, SFTBench, emit, ppo_settings, sft_settings  # noqa: E402
 
 
@@ -50,6 +50,7 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
     dataset = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
     marks: list[dict[str, Any]] = []
     batch_generation = module.batch_generation
+    counter = StepCounter()
 
     def timed_generation(model: Any, queries: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -90,6 +91,7 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
         "stage": "ppo", "side": "trl", "trl": trl.__version__, "seconds": seconds, "episodes": episodes,
         "tokens": tokens, "episodes_per_s": episodes / seconds, "tokens_per_s": tokens / seconds,
         "expected_tokens": episodes * s.max_new_tokens, "torch_threads": torch.get_num_threads(),
+        "optimizer_steps": counter.steps, "expected_steps": s.optimizer_steps,
     }
 
 
@@ -100,7 +102,7 @@ def run_sft(assets: Path, s: SFTBench) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    clock = SFTClock()
+    clock, counter = SFTClock(), StepCounter()
     with tempfile.TemporaryDirectory() as out:
         _, kwargs = sft_settings(s, out, str(assets / "policy"), str(assets / s.data))
         torch.manual_seed(s.seed)
@@ -112,7 +114,7 @@ def run_sft(assets: Path, s: SFTBench) -> dict[str, Any]:
         )
         trainer.train()
     return {"stage": "sft", "side": "trl", "trl": trl.__version__, **clock.result(),
-            "torch_threads": torch.get_num_threads()}
+            "optimizer_steps": counter.steps, "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,12 +168,23 @@ def report(doc: dict[str, Any]) -> str:
 
 
 def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
-    """Both PPO sides must generate what they were asked to: every episode `max_new_tokens` long."""
+    """Both PPO sides must generate what they were asked to (every episode `max_new_tokens` long) and take
+    the optimizer steps the settings say; both SFT sides the same number of optimizer steps."""
     out = []
     for side, runs in results.get("ppo", {}).items():
         bad = [r for r in runs if r["tokens"] != r["expected_tokens"]]
         out.append(f"PPO {side}: {'UNEQUAL' if bad else 'all'} completions {'not ' if bad else ''}at full length "
                    f"({runs[0]['tokens']} tokens in {runs[0]['episodes']} timed episodes per run)")
+        if "optimizer_steps" in runs[0]:
+            bad = [r for r in runs if r["optimizer_steps"] != r["expected_steps"]]
+            out.append(f"PPO {side}: {'UNEQUAL' if bad else runs[0]['optimizer_steps']} optimizer steps"
+                       f"{' (expected ' + str(runs[0]['expected_steps']) + ')' if bad else ' per run, as set'}")
+    sft = results.get("sft", {})
+    steps = {side: {r.get("optimizer_steps") for r in runs} for side, runs in sft.items()}
+    if len(steps) == 2:
+        same = len(set.union(*steps.values())) == 1
+        out.append(f"SFT: {'the same' if same else 'UNEQUAL'} optimizer steps on both sides "
+                   f"({', '.join(f'{k} {sorted(v)}' for k, v in steps.items())})")
     return out
 
 

@@ -112,6 +112,7 @@ def test_our_ppo_bench_times_full_length_episodes(assets: Path) -> None:
     assert r["tokens"] == r["expected_tokens"] == s.rollout_batch_size * s.max_new_tokens
     assert r["seconds"] > 0 and r["episodes_per_s"] == pytest.approx(r["episodes"] / r["seconds"])
     assert 0 < r["opt_seconds"] < r["seconds"]
+    assert r["optimizer_steps"] == r["expected_steps"] == 2 * s.ppo_epochs * s.rollout_batch_size // s.minibatch_size
     # The optimization FLOPs by hand: 6 × (policy + value matmul params) × tokens of 4 epochs over the rollout.
     d, v, seq = r["n_embd"], r["vocab"], r["minibatch_seq"][1]
     block = 4 * 12 * d * d
@@ -127,6 +128,7 @@ def test_our_sft_bench_counts_the_tokens_it_trains_on(assets: Path) -> None:
     # Each row: prompt + completion + EOS, at most max_length tokens; at least one token per row beyond the prompt.
     assert 32 * 3 < r["tokens"] <= 32 * SFTBench().max_length
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    assert r["optimizer_steps"] == 1  # 32 rows, batch 32, one epoch
 
 
 def test_rm_throughput_benchmark_trains_both_and_prints_the_ratio() -> None:
@@ -152,7 +154,8 @@ def test_rm_bench_side_prints_one_bench_line() -> None:
 def test_report_takes_medians_and_flags_unequal_token_counts() -> None:
     def ppo(eps: float, tokens: int, rss: float) -> dict:
         return {"episodes_per_s": eps, "tokens_per_s": eps * 24, "peak_rss_mib": rss, "tokens": tokens,
-                "expected_tokens": 1536, "episodes": 64}
+                "expected_tokens": 1536, "episodes": 64, "optimizer_steps": 96 if rss != 720 else 80,
+                "expected_steps": 96}
 
     results = {"ppo": {"ours": [ppo(e, 1536, 700) for e in (10, 30, 20)],
                        "trl": [ppo(e, 1536 if e != 8 else 1500, r) for e, r in ((8, 650), (10, 720), (12, 700))]}}
@@ -160,5 +163,8 @@ def test_report_takes_medians_and_flags_unequal_token_counts() -> None:
     assert rows[0]["ours"] == 20 and rows[0]["trl"] == 10 and rows[0]["ratio"] == 2.0
     assert rows[0]["rss_ours_mib"] == 700 and rows[0]["rss_trl_mib"] == 720  # the largest peak of each side
     assert rows[1]["unit"] == "gen. tokens/s" and rows[1]["ratio"] == 2.0
+    results["sft"] = {"ours": [{"optimizer_steps": 32}] * 2, "trl": [{"optimizer_steps": 32}, {"optimizer_steps": 31}]}
     checks = bench_run.token_checks(results)
-    assert "all completions at full length" in checks[0] and "UNEQUAL" in checks[1]
+    assert "all completions at full length" in checks[0] and "96 optimizer steps per run" in checks[1]
+    assert "UNEQUAL completions" in checks[2] and "UNEQUAL optimizer steps" in checks[3]
+    assert checks[4].startswith("SFT: UNEQUAL")
