@@ -1,14 +1,15 @@
 """`make bench`: this project's stages against plain TRL, side by side on one machine in one run.
 
-    make bench                          # PPO, PPO-ptx, SFT, RM; 3 alternating rounds, median; ~10 min on 2 cores
-    make bench BENCH_ARGS="--quick"     # the same lines on tiny settings, 1 round (a minute or two)
+    make bench                          # PPO, PPO-ptx, SFT, RM; 3 alternating rounds, median; ~13 min on 2 busy cores
+    make bench BENCH_ARGS="--quick"     # the same lines on tiny settings, 1 round (about 3 minutes)
     .venv/bin/python bench/run.py --repeats 5 --only ppo
 
 Every measurement is its own process (so its peak resident memory is its own): ours with the project's .venv
 (bench/ours.py, the real stage entry points), TRL with the peer venv bench/.peer-venv (bench/peer.py: trl
 1.12.0, torch 2.13.0 and the project's own transformers / accelerate / datasets versions), created here on
 first use, never part of the project's dependencies. The runs of each pair alternate, A B then B A, for
-`--repeats` rounds; the table shows the median of each side and the ratio ours / TRL (> 1: ours is faster).
+`--repeats` rounds; the table shows the median of each side and the ratio ours / TRL (> 1: ours is faster),
+then the ratio of the fastest run of each side ("best", as timeit reports: other load only slows a run down).
 
 What is timed (the docstrings of bench/ours.py and bench/peer.py say exactly where the clock starts):
   PPO      episodes/s and generated tokens/s of iterations 2..N (iteration 1 is a warm-up): rollout (generate,
@@ -119,7 +120,9 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
             return
         o = median_of(sides[ours], key)
         t = median_of(sides[trl], key) if trl and trl in sides else None
+        best = max(r[key] for r in sides[ours]) / max(r[key] for r in sides[trl]) if t else None
         rows.append({"stage": name, "ours": o, "trl": t, "unit": unit, "ratio": o / t if t else None,
+                     "ratio_best": best,
                      "rss_ours_mib": max(r["peak_rss_mib"] for r in sides[ours]),
                      "rss_trl_mib": max(r["peak_rss_mib"] for r in sides[trl]) if t else None})
 
@@ -147,12 +150,14 @@ def fmt(x: float | None, unit: str = "") -> str:
 
 
 def report(doc: dict[str, Any]) -> str:
-    lines = [f"{'stage':<20} {'ours':>10} {'TRL':>10}  {'unit':<15} {'ratio':>6}  {'RSS ours':>9} {'RSS TRL':>9}"]
+    lines = [f"{'stage':<20} {'ours':>10} {'TRL':>10}  {'unit':<15} {'ratio':>6} {'(best)':>7}  {'RSS ours':>9} "
+             f"{'RSS TRL':>9}"]
     for r in doc["table"]:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        best = f"{r['ratio_best']:.2f}x" if r.get("ratio_best") else "-"
         rss_t = f"{r['rss_trl_mib']:.0f} MiB" if r["rss_trl_mib"] else "-"
-        lines.append(f"{r['stage']:<20} {fmt(r['ours']):>10} {fmt(r['trl']):>10}  {r['unit']:<15} {ratio:>6}  "
-                     f"{r['rss_ours_mib']:>5.0f} MiB {rss_t:>9}")
+        lines.append(f"{r['stage']:<20} {fmt(r['ours']):>10} {fmt(r['trl']):>10}  {r['unit']:<15} {ratio:>6} "
+                     f"{best:>7}  {r['rss_ours_mib']:>5.0f} MiB {rss_t:>9}")
     if doc["roofline"]:
         rf = doc["roofline"]
         lines.append(f"roofline: PPO optimization {rf['opt_gflops_per_s']:.1f} GFLOP/s = {100 * rf['fraction']:.0f} % "
@@ -163,7 +168,8 @@ def report(doc: dict[str, Any]) -> str:
         lines.append(f"check: {check}")
     m = doc["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-                 f"{doc['date']}; median of {doc['repeats']} alternating runs per side{' (--quick)' if doc['quick'] else ''}")
+                 f"{doc['date']}; median of {doc['repeats']} alternating runs per side (best: the fastest run of "
+                 f"each){' (--quick)' if doc['quick'] else ''}")
     return "\n".join(lines)
 
 
@@ -198,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="ours only: no TRL 1.12 venv (the RM line keeps its TRL)")
     p.add_argument("--assets", type=Path, default=Path("runs/bench/assets"))
     p.add_argument("--json", type=Path, default=Path("runs/bench/bench.json"))
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="print the table of an earlier run's JSON again (this version's layout), run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        doc = json.loads(args.report.read_text())
+        doc.update(table=table(doc["runs"]), roofline=roofline(doc["runs"]), checks=token_checks(doc["runs"]))
+        print(report(doc))
+        return 0
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.iterations = args.iterations or (2 if args.quick else PPOBench.iterations)
     os.chdir(ROOT)

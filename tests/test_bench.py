@@ -161,6 +161,7 @@ def test_report_takes_medians_and_flags_unequal_token_counts() -> None:
                        "trl": [ppo(e, 1536 if e != 8 else 1500, r) for e, r in ((8, 650), (10, 720), (12, 700))]}}
     rows = bench_run.table(results)
     assert rows[0]["ours"] == 20 and rows[0]["trl"] == 10 and rows[0]["ratio"] == 2.0
+    assert rows[0]["ratio_best"] == 30 / 12  # the fastest run of each side
     assert rows[0]["rss_ours_mib"] == 700 and rows[0]["rss_trl_mib"] == 720  # the largest peak of each side
     assert rows[1]["unit"] == "gen. tokens/s" and rows[1]["ratio"] == 2.0
     results["sft"] = {"ours": [{"optimizer_steps": 32}] * 2, "trl": [{"optimizer_steps": 32}, {"optimizer_steps": 31}]}
