@@ -29,6 +29,9 @@ What is timed (the docstrings of bench/ours.py and bench/peer.py say exactly whe
   SFT      tokens/s (every input token; loss on the completion only) from on_train_begin to on_train_end:
            our sft stage's TRL SFTTrainer configuration vs a plain TRL 1.12 SFTTrainer, same rows, batch 32,
            length 64, schedule, no packing (our stage does not pack).
+           What stays different, as each trainer does it: ours clips the gradient norm (1.0; TRL 1.12's PPO
+           loop does not clip), runs the rollout's forwards in minibatch-size chunks (TRL: one chunk of 64) and
+           scores each completion with the tiny task's gold reward for its logs (TRL has none).
   RM       comparisons/s of one epoch of K = 4 rankings (bench/rm_throughput.py): our per-prompt ranking
            trainer vs TRL's RewardTrainer of the project's .venv (trl 1.16; pairs, two forwards each).
 """
