@@ -25,7 +25,7 @@ RUN := runs/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install pretrain sft rm ppo label label-serve dry-run iterate oracle ptx-ablation summary report env test test-all lint clean clean-stages
+.PHONY: FORCE help install bench pretrain sft rm ppo label label-serve dry-run iterate oracle ptx-ablation summary report env test test-all lint clean clean-stages
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -175,6 +175,12 @@ test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chai
 
 test-all: $(STAMP)  ## every test, the slow end-to-end ones included
 	$(PY) -m pytest -q -m ""
+
+# The speed comparison (bench/run.py): our PPO, PPO-ptx, SFT and RM stages against plain TRL (1.12, in its own
+# venv bench/.peer-venv, created on first use) on this machine, alternating runs; table + runs/bench/bench.json.
+BENCH_ARGS ?=
+bench: $(STAMP)  ## speed vs TRL 1.12 (PPO, SFT) and RewardTrainer: throughput, peak RSS, ratio (BENCH_ARGS="--quick")
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check $(wildcard pipeline tests bench)

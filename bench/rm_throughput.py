@@ -24,18 +24,21 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import datasets
-import torch
-from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainingArguments
-from transformers.utils import logging as hf_logging
-from trl import RewardConfig, RewardTrainer
-from trl.trainer.utils import disable_dropout_in_model
+# This checkout's pipeline package (and bench/settings.py), whatever the venv's editable install points at.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from pipeline.config import DataConfig, ModelConfig, RMConfig, TokenizerConfig
-from pipeline.data import load_rankings, ranking_pairs
-from pipeline.modeling import build_tiny_model, build_tiny_tokenizer, ensure_distinct_pad, load_reward_model
-from pipeline.ranking import RankingCollator, encode_rankings
-from pipeline.stages.rm import RankingTrainer
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainingArguments  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+from trl import RewardConfig, RewardTrainer  # noqa: E402
+from trl.trainer.utils import disable_dropout_in_model  # noqa: E402
+
+from pipeline.config import DataConfig, ModelConfig, RMConfig, TokenizerConfig  # noqa: E402
+from pipeline.data import load_rankings, ranking_pairs  # noqa: E402
+from pipeline.modeling import build_tiny_model, build_tiny_tokenizer, ensure_distinct_pad, load_reward_model  # noqa: E402
+from pipeline.ranking import RankingCollator, encode_rankings  # noqa: E402
+from pipeline.stages.rm import RankingTrainer  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -46,6 +49,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64, help="tokens per prompt + completion, both trainers")
     p.add_argument("--init", default=None, help="SFT or RM directory; default: a fresh tiny GPT-2 (4x128)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each trainer, alternating; the best is reported")
+    p.add_argument("--side", choices=["both", "ours", "trl"], default="both",
+                   help="one side only, once, printing a `BENCH {json}` line (what `make bench` runs)")
     return p.parse_args()
 
 
@@ -120,6 +125,13 @@ def main() -> int:
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
 
+    if args.side != "both":
+        from settings import emit
+
+        fn = run_ours if args.side == "ours" else run_trl
+        emit({"stage": "rm", "side": args.side, "comparisons_per_s": fn(base, tokenizer, rows, args, comparisons),
+              "comparisons": comparisons, "torch_threads": torch.get_num_threads()})
+        return 0
     results: dict[str, list[float]] = {"this project": [], "TRL RewardTrainer": []}
     for i in range(args.repeats):
         # Alternate the order so neither trainer always runs on a warm (or cold) machine.
@@ -137,5 +149,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
