@@ -49,10 +49,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from pipeline.config import Config, ConfigError, LoRAConfig
-from pipeline.distributed import without_zero3_init
+from pipeline.distributed import submodule_state_dict, without_zero3_init
 from pipeline.modeling import DTYPES
 
 log = logging.getLogger(__name__)
@@ -407,3 +408,21 @@ def merge_reward_model(base_path: str | Path, adapter_dir: Path, dtype: str, voc
                           num_labels=1)
     merged.config.pad_token_id = pad_token_id
     return merged
+
+
+def save_ppo(shared: SharedBase, state_dict: dict[str, torch.Tensor], staging: Path, init: str, dtype: str,
+             tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase) -> None:
+    """PPO's LoRA policy as its adapter (adapter/) and merged into a full-precision copy of the SFT model (the
+    stage directory itself); the value model likewise under value_model/ (a sequence-classification model)."""
+    weights = submodule_state_dict(state_dict, "base", shared.base)
+    save_adapter(shared.base, staging / ADAPTER_DIR, POLICY, weights)
+    merge_causal_lm(init, staging / ADAPTER_DIR, dtype).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    value_dir = staging / "value_model"
+    save_adapter(shared.base, value_dir / ADAPTER_DIR, VALUE, weights)
+    value = merge_reward_model(init, value_dir / ADAPTER_DIR, dtype, len(value_tokenizer),
+                                    value_tokenizer.pad_token_id)
+    with torch.no_grad():
+        value.score.weight.copy_(state_dict["value_head.weight"].to(value.score.weight.dtype))
+    value.save_pretrained(value_dir)
+    value_tokenizer.save_pretrained(value_dir)
