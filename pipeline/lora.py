@@ -54,7 +54,7 @@ from transformers import (
 
 from pipeline.config import Config, ConfigError, LoRAConfig
 from pipeline.distributed import submodule_state_dict, without_zero3_init
-from pipeline.modeling import DTYPES
+from pipeline.modeling import DTYPES, causal_lm_logits
 
 log = logging.getLogger(__name__)
 
@@ -259,11 +259,11 @@ class SharedBase(torch.nn.Module):
         self.reward_shift = reward_shift
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                ptx_input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """What `pipeline.rollout.PolicyAndValue` returns: policy logits, values, ptx logits; one module for
-        `accelerator.prepare`, so one backward syncs both trained adapters."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+                ptx_input_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `pipeline.rollout.PolicyAndValue` returns: policy logits (the last `logits_to_keep` positions; 0:
+        all), values, ptx logits; one module for `accelerator.prepare`, so one backward syncs both trained adapters."""
+        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
         values = self.value_model.token_scores(input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_input_ids is not None:

@@ -377,6 +377,17 @@ def token_scores(
     return scores - getattr(model.config, "reward_shift", 0.0)
 
 
+def causal_lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """[B, keep, V] a causal LM's logits at the last `keep` positions only: the LM head and everything after it
+    (log-softmax over the vocabulary, its backward) skip the prompt, which PPO never scores. `logits_to_keep` is
+    transformers' own argument (generation uses it); a model that ignores it returns every position, cut here.
+    `keep` = 0 keeps every position."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits
+    return logits[:, -keep:]
+
+
 def check_same_tokenizer(
     policy_tokenizer: PreTrainedTokenizerBase, policy_path: str, other: PreTrainedTokenizerBase, other_path: str,
     key: str, noun: str, make_target: str | None,

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from pipeline import rlhf
 from pipeline.config import PPOConfig
 from pipeline.guards import PPOGuard
-from pipeline.rollout import Rollout
+from pipeline.rollout import Rollout, token_window
 
 
 def ppo_update(
@@ -39,30 +39,38 @@ def ppo_update(
     """
     model.train()
     context = rollout.context_length
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     steps = 0
     for minibatches in _minibatches(p, seed, iteration, accelerator):
         for idx in minibatches:
             idx = idx.to(rollout.mask.device)
             mb = rollout.index(idx)
+            # Only the columns these completions use (`token_window`), and policy logits only where a completion
+            # token is predicted: the real tokens' numbers are the same as on the whole padded rollout.
+            start, end = token_window(mb["attention_mask"], mb["mask"], context)
+            ctx, n = context - start, end - context
+            ids = mb["query_responses"][:, start:end]
             ptx_ids = None
             if ptx_blocks is not None:
                 step_index = iteration * p.ppo_epochs * len(minibatches) + steps
                 ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
             with accelerator.autocast():
-                logits, values, ptx_logits = model(mb["query_responses"], mb["attention_mask"], mb["position_ids"],
-                                                   ptx_ids)
-            logits = logits[:, context - 1 : -1].float() / p.temperature
-            logprobs = rlhf.logprobs_from_logits(logits, mb["query_responses"][:, context:])
-            values = values[:, context - 1 : -1]
-            mask = mb["mask"]
+                logits, values, ptx_logits = model(ids, mb["attention_mask"][:, start:end],
+                                                   mb["position_ids"][:, start:end], ptx_ids, logits_to_keep=n + 1)
+            logits = logits[:, :-1].float()
+            if p.temperature != 1.0:  # dividing by 1 is exact: skip the copy of the logits
+                logits = logits / p.temperature
+            logprobs = rlhf.logprobs_from_logits(logits, ids[:, ctx:])
+            values = values[:, ctx - 1 : -1]
+            mask = mb["mask"][:, :n]
             # Token means over the whole minibatch of all processes: gradients averaged over N processes
             # are then those of one process on the combined minibatch.
             num_tokens = _global_token_count(accelerator, mask)
-            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range,
-                                                 num_tokens=num_tokens, log_ratio_clamp=p.log_ratio_clamp)
-            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value,
-                                               num_tokens=num_tokens)
+            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"][:, :n], advantages[idx, :n], mask,
+                                                 p.clip_range, num_tokens=num_tokens,
+                                                 log_ratio_clamp=p.log_ratio_clamp)
+            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"][:, :n], returns[idx, :n], mask,
+                                               p.clip_range_value, num_tokens=num_tokens)
             ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
             loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
             if guard is not None and not guard.check(
@@ -87,14 +95,17 @@ def ppo_update(
                     "ppo/approx_kl": pg_stats["approx_kl"],
                     "ppo/value_clip_frac": vf_clip,
                     "ppo/entropy": rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask),
-                    "ppo/grad_norm": torch.as_tensor(float("nan") if grad_norm is None else float(grad_norm)),
+                    "ppo/grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm),
                 }
                 if ptx is not None:
                     stats["ppo/ptx_loss"] = ptx
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                # Summed on the device in float64 (as Python floats would be): one host transfer per iteration.
+                for k, v in stats.items():
+                    v = v.detach().to(device=loss.device, dtype=torch.float64)
+                    sums[k] = sums[k] + v if k in sums else v
             steps += 1
-    local = {k: v / steps for k, v in sums.items()}
+    keys = sorted(sums)
+    local = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / steps).tolist(), strict=True)) if sums else {}
     return mean_over_processes(accelerator, local)
 
 

@@ -67,6 +67,39 @@ def test_left_padding_changes_no_log_prob_value_or_reward() -> None:
     assert float(r0) == pytest.approx(float(pooled), abs=1e-5)
 
 
+def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_batch() -> None:
+    """`score_rollout` cuts each block of rows to the columns they use (shared left padding, padding after the
+    longest completion) and asks for completion-position logits only: every real token must get the numbers of
+    plain forwards over the whole padded batch, and padding must stay 0."""
+    policy, value = _tiny_models()
+    ref, reward = _tiny_models()  # same seed: equal weights, but separate modules
+    pad, eos = 1, 0
+    # Three rows, prompt width 6, completion width 7; rows 0-1 form one scoring block (minibatch_size=2) whose
+    # prompts are at most 3 long and completions at most 3: its window is 6 of the 13 columns.
+    prompts = [[pad, pad, pad, 5, 6, 7], [pad, pad, pad, pad, 8, 9], [2, 3, 4, 5, 6, 7]]
+    completions = [[8, 9, eos, pad, pad, pad, pad], [10, eos, pad, pad, pad, pad, pad], [11, 12, 13, 14, 15, 16, 17]]
+    mask, _ = rlhf.completion_mask(torch.tensor(completions), eos)
+    ids = torch.cat([torch.tensor(prompts), torch.tensor(completions)], dim=1)
+    attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    context = 6
+    assert rollout.token_window(attention[:2], mask[:2], context) == (3, 9)
+    p = load_config("configs/tiny.yaml", ["ppo.minibatch_size=1", "ppo.rollout_batch_size=2"]).ppo
+    p.minibatch_size, p.temperature = 2, 0.7
+    models = rollout.Models(Accelerator(cpu=True), rollout.PolicyAndValue(policy, value).eval(), ref, reward, None)
+    logprobs, ref_logprobs, values, scores = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
+    with torch.no_grad():
+        expected_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
+                                                       position_ids=positions).logits, ids, context, 0.7) * mask
+        expected_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1] * mask
+        rm = token_scores(reward, ids, attention, positions)
+    expected_scores = rm[torch.arange(3), context + rlhf.last_token_index(mask)]
+    assert logprobs.shape == values.shape == mask.shape == (3, 7)
+    assert torch.allclose(logprobs, expected_lp, atol=1e-5) and torch.allclose(ref_logprobs, expected_lp, atol=1e-5)
+    assert torch.allclose(values, expected_v, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-5)
+    assert logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
+
+
 def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
     cfg = _config_for_unit(sft_dir, rm_dir)
     accelerator = Accelerator(cpu=True)
@@ -80,7 +113,9 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_d
     prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
     models = rollout.Models(accelerator, model, ref, reward_model, tokenizer)
     r = rollout.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
-    R = cfg.ppo.max_new_tokens
+    # Completions are cut to the longest one (EOS included), not padded to max_new_tokens.
+    R = int(r.mask.sum(1).max())
+    assert 1 <= R <= cfg.ppo.max_new_tokens
     assert r.responses.shape == (2, R) and r.mask.shape == (2, R) and r.logprobs.shape == (2, R)
     # Left padding: the shorter prompt starts with padding the attention mask hides.
     assert r.attention_mask[0, 0] == 0 and r.attention_mask[1, 0] == 1
