@@ -59,7 +59,7 @@ from pipeline.modeling import (
     load_stage_model,
 )
 from pipeline.rollout import Models, PolicyAndValue, Rollout, evaluate_policy, sample_batch
-from pipeline.update import global_moments, ppo_update, rollout_metrics
+from pipeline.update import build_optimizer, global_moments, ppo_update, rollout_metrics
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -138,7 +138,7 @@ def run(cfg: Config) -> dict[str, Any]:
             value_model.gradient_checkpointing_enable()
         model = PolicyAndValue(policy, value_model)
     trained = [t for t in model.parameters() if t.requires_grad]  # with LoRA: the two adapters and the value head
-    optimizer = torch.optim.AdamW(trained, lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
+    optimizer = build_optimizer(trained, p, accelerator)
     steps_per_iteration = p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size)
     total_steps = p.iterations * steps_per_iteration
     scheduler = get_scheduler(p.lr_scheduler if not p.warmup_ratio or p.lr_scheduler == "linear"
