@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from pipeline import rlhf
 from pipeline.config import PPOConfig
 from pipeline.guards import PPOGuard
-from pipeline.rollout import Rollout, token_window
+from pipeline.rollout import Rollout, can_pack, pack_rows, token_window
 
 
 def build_optimizer(params: list[torch.nn.Parameter], p: PPOConfig, accelerator: Accelerator) -> torch.optim.AdamW:
@@ -49,6 +49,8 @@ def ppo_update(
     """
     model.train()
     context = rollout.context_length
+    unwrapped = accelerator.unwrap_model(model)
+    pack = can_pack(unwrapped.policy) and can_pack(unwrapped.value_model)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     for minibatches in _minibatches(p, seed, iteration, accelerator):
@@ -64,14 +66,21 @@ def ppo_update(
             if ptx_blocks is not None:
                 step_index = iteration * p.ppo_epochs * len(minibatches) + steps
                 ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
-            with accelerator.autocast():
-                logits, values, ptx_logits = model(ids, mb["attention_mask"][:, start:end],
-                                                   mb["position_ids"][:, start:end], ptx_ids, logits_to_keep=n + 1)
-            logits = logits[:, :-1].float()
+            att, pos = mb["attention_mask"][:, start:end], mb["position_ids"][:, start:end]
+            if pack:  # no padding at all: the rows' tokens side by side in fewer rows
+                packed = pack_rows(ids, att, pos, ctx, n)
+                with accelerator.autocast():
+                    logits, values, ptx_logits = model(packed.input_ids, packed.attention_mask, packed.position_ids,
+                                                       ptx_ids)
+                logits, values = packed.unpack(logits), packed.unpack(values)
+            else:
+                with accelerator.autocast():
+                    logits, values, ptx_logits = model(ids, att, pos, ptx_ids, logits_to_keep=n + 1)
+                logits, values = logits[:, :-1], values[:, ctx - 1 : -1]
+            logits = logits.float()
             if p.temperature != 1.0:  # dividing by 1 is exact: skip the copy of the logits
                 logits = logits / p.temperature
             logprobs = rlhf.logprobs_from_logits(logits, ids[:, ctx:])
-            values = values[:, ctx - 1 : -1]
             mask = mb["mask"][:, :n]
             # Token means over the whole minibatch of all processes: gradients averaged over N processes
             # are then those of one process on the combined minibatch.

@@ -100,6 +100,35 @@ def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_
     assert logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
 
 
+def test_packed_rows_give_each_token_the_numbers_of_its_padded_row() -> None:
+    """The update packs a minibatch's rows into fewer rows without padding (block-diagonal causal mask, positions
+    restarting per sequence): the log-probs and values at the completion-predicting positions must be those of the
+    padded rows, with gradients flowing back."""
+    policy, value = _tiny_models()
+    pad = 1
+    prompts = [[pad, pad, 5, 6, 7], [pad, pad, pad, 8, 9], [2, 3, 4, 5, 6], [pad, pad, pad, pad, 3]]
+    completions = [[8, 9, 0, pad], [10, 0, pad, pad], [11, 12, 13, 14], [15, 0, pad, pad]]
+    mask, _ = rlhf.completion_mask(torch.tensor(completions), 0)
+    ids = torch.cat([torch.tensor(prompts), torch.tensor(completions)], dim=1)
+    attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    context, n = 5, 4
+    assert rollout.can_pack(policy) and rollout.can_pack(value)
+    packed = rollout.pack_rows(ids, attention, positions, context, n)
+    assert packed.input_ids.numel() < ids.numel()  # 4 rows of up to 9 real tokens in fewer slots than 4 × 9
+    with torch.no_grad():
+        padded_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
+                                                     position_ids=positions).logits, ids, context, 1.0)
+        padded_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1]
+    logits = packed.unpack(policy(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                  position_ids=packed.position_ids).logits)
+    lp = rlhf.logprobs_from_logits(logits, ids[:, context:])
+    v = packed.unpack(token_scores(value, packed.input_ids, packed.attention_mask, packed.position_ids))
+    assert torch.allclose(lp * mask, padded_lp * mask, atol=1e-5) and torch.allclose(v * mask, padded_v * mask, atol=1e-5)
+    (lp * mask).sum().backward()
+    assert policy.transformer.wte.weight.grad is not None
+
+
 def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
     cfg = _config_for_unit(sft_dir, rm_dir)
     accelerator = Accelerator(cpu=True)
