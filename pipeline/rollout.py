@@ -230,21 +230,32 @@ def score_rollout(
     B, R = mask.shape
     was_training = unwrapped.training
     unwrapped.eval()
+    pack = all(can_pack(distributed.inner(m)) for m in (policy, ref_policy, unwrapped.value_model, reward_model))
     logprobs, ref_logprobs, values, scores = [], [], [], []
     for i in range(0, B, p.minibatch_size):
         start, end = token_window(attention_mask[i : i + p.minibatch_size], mask[i : i + p.minibatch_size], context)
         rows = slice(i, i + p.minibatch_size)
         ids, att, pos = (t[rows, start:end] for t in (query_responses, attention_mask, position_ids))
         ctx, n = context - start, end - context
-        logits = causal_lm_logits(policy, ids, att, pos, keep=n + 1)
-        logprobs.append(F.pad(response_logprobs(logits, ids, ctx, p.temperature), (0, R - n)))
-        ref_logits = causal_lm_logits(ref_policy, ids, att, pos, keep=n + 1)
-        ref_logprobs.append(F.pad(response_logprobs(ref_logits, ids, ctx, p.temperature), (0, R - n)))
-        if with_values:
-            values.append(F.pad(token_scores(unwrapped.value_model, ids, att, pos)[:, ctx - 1 : -1], (0, R - n)))
-        rm = token_scores(reward_model, ids, att, pos)
-        last = ctx + rlhf.last_token_index(mask[rows, :n])
-        scores.append(rm[torch.arange(len(ids), device=rm.device), last])
+        if pack:  # no padding at all: the rows' tokens side by side in fewer rows (see `pack_rows`)
+            packed = pack_rows(ids, att, pos, ctx, n)
+            ids_p, att_p, pos_p = packed.input_ids, packed.attention_mask, packed.position_ids
+            logits = packed.unpack(causal_lm_logits(policy, ids_p, att_p, pos_p))
+            ref_logits = packed.unpack(causal_lm_logits(ref_policy, ids_p, att_p, pos_p))
+            value = packed.unpack(token_scores(unwrapped.value_model, ids_p, att_p, pos_p)) if with_values else None
+            scores.append(token_scores(reward_model, ids_p, att_p, pos_p).reshape(-1)[packed.last])
+        else:
+            logits = causal_lm_logits(policy, ids, att, pos, keep=n + 1)[:, :-1]
+            ref_logits = causal_lm_logits(ref_policy, ids, att, pos, keep=n + 1)[:, :-1]
+            value = token_scores(unwrapped.value_model, ids, att, pos)[:, ctx - 1 : -1] if with_values else None
+            rm = token_scores(reward_model, ids, att, pos)
+            last = ctx + rlhf.last_token_index(mask[rows, :n])
+            scores.append(rm[torch.arange(len(ids), device=rm.device), last])
+        completion = ids[:, ctx:]
+        logprobs.append(F.pad(_logprobs_at(logits, completion, p.temperature), (0, R - n)))
+        ref_logprobs.append(F.pad(_logprobs_at(ref_logits, completion, p.temperature), (0, R - n)))
+        if value is not None:
+            values.append(F.pad(value, (0, R - n)))
     unwrapped.train(was_training)
     logprobs_t = torch.cat(logprobs) * mask
     values_t = torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t)
@@ -285,10 +296,14 @@ def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, context: int, tem
     """[B, R] log-probs of the completion tokens `ids[:, context:]`: position t of the sequence predicts token
     t + 1. `logits` covers every position or only the last R + 1 (`causal_lm_logits`): the last R + 1 are read."""
     n = ids.shape[1] - context
-    logits = logits[:, -n - 1 : -1]
+    return _logprobs_at(logits[:, -n - 1 : -1], ids[:, context:], temperature)
+
+
+def _logprobs_at(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, R] log-probs of `tokens` under `logits` [B, R, V] (each position's prediction of its token)."""
     if temperature != 1.0:  # dividing by 1 is exact: skip the copy of the logits
         logits = logits / temperature
-    return rlhf.logprobs_from_logits(logits, ids[:, context:])
+    return rlhf.logprobs_from_logits(logits, tokens)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -380,6 +395,7 @@ class PackedRows:
     position_ids: torch.Tensor  # [bins, L]
     attention_mask: torch.Tensor  # [bins, 1, L, L] bool, True = attend (scaled_dot_product_attention's form)
     index: torch.Tensor  # [B, n]
+    last: torch.Tensor  # [B] flat position of each row's last real token (where the reward model's score is read)
 
     def unpack(self, outputs: torch.Tensor) -> torch.Tensor:
         """[bins, L, ...] model outputs → [B, n, ...] at the completion-predicting positions."""
@@ -425,8 +441,9 @@ def pack_rows(ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: tor
     mask = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
     index = [[bins[i] * L + offsets[i] + min(context - 1 + t, last_l[i]) - first_l[i] for t in range(n)]
              for i in range(B)]
+    last = [bins[i] * L + offsets[i] + lengths[i] - 1 for i in range(B)]
     return PackedRows(flat_ids.view(-1, L), flat_pos.view(-1, L), mask.unsqueeze(1),
-                      torch.tensor(index, device=ids.device))
+                      torch.tensor(index, device=ids.device), torch.tensor(last, device=ids.device))
 
 
 def _first_fit(lengths: list[int]) -> tuple[list[int], list[int], int]:

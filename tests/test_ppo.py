@@ -67,12 +67,16 @@ def test_left_padding_changes_no_log_prob_value_or_reward() -> None:
     assert float(r0) == pytest.approx(float(pooled), abs=1e-5)
 
 
-def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_batch() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # SDPA: rows packed without padding; eager: windows
+def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_batch(attention: str) -> None:
     """`score_rollout` cuts each block of rows to the columns they use (shared left padding, padding after the
-    longest completion) and asks for completion-position logits only: every real token must get the numbers of
-    plain forwards over the whole padded batch, and padding must stay 0."""
+    longest completion) or packs them without padding, and asks for completion-position logits only: every real
+    token must get the numbers of plain forwards over the whole padded batch, and padding must stay 0."""
     policy, value = _tiny_models()
     ref, reward = _tiny_models()  # same seed: equal weights, but separate modules
+    for m in (policy, value, ref, reward):
+        m.set_attn_implementation(attention)
+    assert rollout.can_pack(policy) == (attention == "sdpa")
     pad, eos = 1, 0
     # Three rows, prompt width 6, completion width 7; rows 0-1 form one scoring block (minibatch_size=2) whose
     # prompts are at most 3 long and completions at most 3: its window is 6 of the 13 columns.
