@@ -103,7 +103,7 @@ def classify(stack: str) -> str:
 
 def _loop_eval(frames: list[tuple[str, str, int]]) -> bool:
     """An evaluation called from inside the training loop (not the baseline or final one)."""
-    return any(f == "evaluate" for f, _, _ in frames) and any(
+    return any(f.split(".")[-1] == "evaluate" for f, _, _ in frames) and any(
         f == "run" and "step" in _source(file, line) for f, file, line in frames)
 
 
