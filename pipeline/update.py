@@ -15,7 +15,8 @@ from accelerate.utils import DistributedType
 from pipeline import rlhf
 from pipeline.config import PPOConfig
 from pipeline.guards import PPOGuard
-from pipeline.rollout import Rollout, can_pack, pack_rows, token_window
+from pipeline.packing import can_pack, pack_rows, token_window
+from pipeline.rollout import Rollout
 
 
 def build_optimizer(params: list[torch.nn.Parameter], p: PPOConfig, accelerator: Accelerator) -> torch.optim.AdamW:

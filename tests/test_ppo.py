@@ -18,7 +18,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from pipeline import rlhf, rollout
+from pipeline import packing, rlhf, rollout
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import load_stage_model, token_scores
@@ -76,7 +76,7 @@ def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_
     ref, reward = _tiny_models()  # same seed: equal weights, but separate modules
     for m in (policy, value, ref, reward):
         m.set_attn_implementation(attention)
-    assert rollout.can_pack(policy) == (attention == "sdpa")
+    assert packing.can_pack(policy) == (attention == "sdpa")
     pad, eos = 1, 0
     # Three rows, prompt width 6, completion width 7; rows 0-1 form one scoring block (minibatch_size=2) whose
     # prompts are at most 3 long and completions at most 3: its window is 6 of the 13 columns.
@@ -87,7 +87,7 @@ def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_
     attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     context = 6
-    assert rollout.token_window(attention[:2], mask[:2], context) == (3, 9)
+    assert packing.token_window(attention[:2], mask[:2], context) == (3, 9)
     p = load_config("configs/tiny.yaml", ["ppo.minibatch_size=1", "ppo.rollout_batch_size=2"]).ppo
     p.minibatch_size, p.temperature = 2, 0.7
     models = rollout.Models(Accelerator(cpu=True), rollout.PolicyAndValue(policy, value).eval(), ref, reward, None)
@@ -117,8 +117,8 @@ def test_packed_rows_give_each_token_the_numbers_of_its_padded_row() -> None:
     attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     context, n = 5, 4
-    assert rollout.can_pack(policy) and rollout.can_pack(value)
-    packed = rollout.pack_rows(ids, attention, positions, context, n)
+    assert packing.can_pack(policy) and packing.can_pack(value)
+    packed = packing.pack_rows(ids, attention, positions, context, n)
     assert packed.input_ids.numel() < ids.numel()  # 4 rows of up to 9 real tokens in fewer slots than 4 × 9
     with torch.no_grad():
         padded_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
