@@ -21,8 +21,8 @@ from pipeline.rollout import Rollout
 
 def build_optimizer(params: list[torch.nn.Parameter], p: PPOConfig, accelerator: Accelerator) -> torch.optim.AdamW:
     """AdamW over the trained parameters. torch's fused kernel updates every tensor in one call (the default
-    loops over them, a dozen small ops each: on the tiny profile 3.6x slower per step); same update within
-    float rounding. DeepSpeed steps its own flattened partitions: there the plain AdamW is left to it."""
+    loops over them, a dozen small ops each: docs/performance.md); the same update within float rounding.
+    DeepSpeed steps its own flattened partitions: there the plain AdamW is left to it."""
     fused = (accelerator.distributed_type != DistributedType.DEEPSPEED
              and accelerator.device.type in ("cpu", "cuda") and all(t.is_floating_point() for t in params))
     return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay, eps=1e-5, fused=fused or None)
