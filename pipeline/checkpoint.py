@@ -96,6 +96,26 @@ class StageOutput:
         if self.is_main:
             write_json(self.work_dir / "baseline.json", metrics)
 
+    def save_checkpoint(self, accelerator: Any, files: dict[str, Any], step: int, keep: int) -> None:
+        """accelerate's full state (models, optimizer, scheduler, RNG) plus our own JSON `files` (name → data,
+        e.g. a loop's iteration and history), written to a temporary name and renamed, so an interruption
+        mid-save never leaves a checkpoint to resume from; the newest `keep` checkpoints stay (every process)."""
+        final = self.checkpoints_dir / f"checkpoint-{step}"
+        tmp = self.checkpoints_dir / f"checkpoint-{step}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # under DeepSpeed every rank writes its own optimizer shard
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name, data in files.items():
+                write_json(tmp / name, data)
+            tmp.rename(final)
+            old = sorted(self.checkpoints_dir.glob("checkpoint-*[0-9]"), key=lambda d: int(d.name.split("-")[-1]))
+            for d in old[:-keep]:
+                shutil.rmtree(d, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
     def begin_final(self) -> Path:
         """A clean staging directory for the finished output (call on every process before saving)."""
         if self.is_main and self.staging_dir.exists():

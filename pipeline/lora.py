@@ -50,11 +50,12 @@ from transformers import (
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from pipeline.config import Config, ConfigError, LoRAConfig
-from pipeline.distributed import without_zero3_init
-from pipeline.modeling import DTYPES
+from pipeline.distributed import submodule_state_dict, without_zero3_init
+from pipeline.modeling import DTYPES, causal_lm_logits
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +295,11 @@ class SharedBase(torch.nn.Module):
         self.reward_shift = reward_shift
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                ptx_input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """What `pipeline.rollout.PolicyAndValue` returns: policy logits, values, ptx logits; one module for
-        `accelerator.prepare`, so one backward syncs both trained adapters."""
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+                ptx_input_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `pipeline.rollout.PolicyAndValue` returns: policy logits (the last `logits_to_keep` positions; 0:
+        all), values, ptx logits; one module for `accelerator.prepare`, so one backward syncs both trained adapters."""
+        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
         values = self.value_model.token_scores(input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_input_ids is not None:
@@ -444,3 +445,21 @@ def merge_reward_model(base_path: str | Path, adapter_dir: Path, dtype: str, voc
                           num_labels=1)
     merged.config.pad_token_id = pad_token_id
     return merged
+
+
+def save_ppo(shared: SharedBase, state_dict: dict[str, torch.Tensor], staging: Path, init: str, dtype: str,
+             tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase) -> None:
+    """PPO's LoRA policy as its adapter (adapter/) and merged into a full-precision copy of the SFT model (the
+    stage directory itself); the value model likewise under value_model/ (a sequence-classification model)."""
+    weights = submodule_state_dict(state_dict, "base", shared.base)
+    save_adapter(shared.base, staging / ADAPTER_DIR, POLICY, weights)
+    merge_causal_lm(init, staging / ADAPTER_DIR, dtype).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    value_dir = staging / "value_model"
+    save_adapter(shared.base, value_dir / ADAPTER_DIR, VALUE, weights)
+    value = merge_reward_model(init, value_dir / ADAPTER_DIR, dtype, len(value_tokenizer),
+                                    value_tokenizer.pad_token_id)
+    with torch.no_grad():
+        value.score.weight.copy_(state_dict["value_head.weight"].to(value.score.weight.dtype))
+    value.save_pretrained(value_dir)
+    value_tokenizer.save_pretrained(value_dir)

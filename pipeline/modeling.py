@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.config import DatasetConfig, ModelConfig, TokenizerConfig
+from pipeline.config import ConfigError, DatasetConfig, ModelConfig, TokenizerConfig
 from pipeline.data import load_corpus
 from pipeline.distributed import gathered_params
 
@@ -375,6 +375,36 @@ def token_scores(
     ).last_hidden_state
     scores = model.score(hidden).squeeze(-1).float()
     return scores - getattr(model.config, "reward_shift", 0.0)
+
+
+def causal_lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """[B, keep, V] a causal LM's logits at the last `keep` positions only: the LM head and everything after it
+    (log-softmax over the vocabulary, its backward) skip the prompt, which PPO never scores. `logits_to_keep` is
+    transformers' own argument (generation uses it); a model that ignores it returns every position, cut here.
+    `keep` = 0 keeps every position."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits
+    return logits[:, -keep:]
+
+
+def check_same_tokenizer(
+    policy_tokenizer: PreTrainedTokenizerBase, policy_path: str, other: PreTrainedTokenizerBase, other_path: str,
+    key: str, noun: str, make_target: str | None,
+) -> None:
+    """The reward and value models read the policy's token ids as they are: they must have been trained on the
+    same tokenizer (the reward model may add a pad token of its own). An embedding of the same size says nothing:
+    another tokenizer with as many tokens gives the same ids other meanings, and the rewards would be noise."""
+    theirs = other.get_vocab()
+    for token, i in sorted(policy_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != i:
+            where = "missing from" if token not in theirs else f"id {theirs[token]} in"
+            how = f"rebuild it from this SFT model: `make {make_target}`" if make_target else (
+                "train it from the policy's SFT model (rm.init), or point it at one that was")
+            raise ConfigError(
+                f"'{key}' ({other_path}) was trained with another tokenizer than the policy ({policy_path}): token "
+                f"{token!r} is id {i} in the policy's tokenizer but {where} {noun}'s; {how}"
+            )
 
 
 def context_length(model: PreTrainedModel | PretrainedConfig) -> int | None:

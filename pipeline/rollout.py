@@ -4,6 +4,10 @@ held-out evaluation of a policy. The PPO stage (pipeline/stages/ppo.py) reads as
 Everything here is written for N processes under DDP or DeepSpeed ZeRO: sampling seeds belong to places in
 the global batch, the policy's ZeRO-3 shards are gathered once per rollout (`distributed.gathered_for_generation`),
 and every rank makes the same number of forwards and `generate` calls (under ZeRO-3 each is a collective).
+
+Forwards only compute what PPO reads (docs/performance.md): completions are cut to the batch's longest, each
+block of rows to the columns it uses (`token_window`) or, with SDPA attention, packed without padding
+(`pack_rows`), and causal LMs give logits at the completion positions only (`causal_lm_logits`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import distributed, rlhf
 from pipeline.config import PPOConfig
-from pipeline.modeling import token_scores
+from pipeline.modeling import causal_lm_logits, token_scores
+from pipeline.packing import can_pack, pack_rows, token_window
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -37,10 +43,10 @@ class PolicyAndValue(torch.nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         ptx_input_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
+        """Policy logits at the last `logits_to_keep` positions (0: all), values at every position, ptx logits."""
+        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
         values = token_scores(self.value_model, input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_input_ids is not None:
@@ -77,7 +83,7 @@ class Models:
 class Rollout:
     """One batch of sampled episodes: [B, P + R] sequences, [B, R] per-completion-token tensors, [B] scores."""
 
-    query_responses: torch.Tensor  # left-padded prompt (P tokens) + sampled completion (R tokens)
+    query_responses: torch.Tensor  # left-padded prompt (P tokens) + completion (R = the batch's longest, with EOS)
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     context_length: int  # P
@@ -134,10 +140,9 @@ def generate_rollout(
     Sampling runs in eval mode with the KV cache, `chunk_size` prompts per `generate` (all at once by
     default), chunk k seeded with `seed[k]`; the policy's ZeRO-3 shards are gathered once for all chunks
     unless `ppo.gather_for_generation` is off. The log-probs are then recomputed by a plain forward (the
-    numbers PPO's ratio compares against), at the sampling temperature.
+    numbers PPO's ratio compares against), at the sampling temperature (`score_rollout`).
     """
     accelerator, tokenizer = models.accelerator, models.tokenizer
-    ref_policy, reward_model = models.ref_policy, distributed.inner(models.reward_model)
     unwrapped = accelerator.unwrap_model(models.model)
     device = accelerator.device
     chunk_size = chunk_size or len(prompts)
@@ -158,48 +163,21 @@ def generate_rollout(
                 pad_token_id=tokenizer.pad_token_id,
             )
             pieces.append((enc["input_ids"], enc["attention_mask"], sequences[:, enc["input_ids"].shape[1] :]))
-    policy = unwrapped.policy
-    # One left-padded prompt width P for the batch; every completion has R = max_new_tokens columns, so
-    # chunks concatenate and N processes gather equal shapes.
-    context = max(q.shape[1] for q, _, _ in pieces)
-    queries, query_masks, all_responses = [], [], []
-    for q, qm, resp in pieces:
-        queries.append(_left_pad(q, context, tokenizer.pad_token_id))
-        query_masks.append(_left_pad(qm, context, 0))
-        if resp.shape[1] < p.max_new_tokens:
-            resp = torch.cat([resp, resp.new_full((len(resp), p.max_new_tokens - resp.shape[1]),
-                                                  tokenizer.pad_token_id)], dim=1)
-        all_responses.append(resp)
-    responses = torch.cat(all_responses)
-    mask, ended = rlhf.completion_mask(responses, tokenizer.eos_token_id)
-    query_responses = torch.cat([torch.cat(queries), responses], dim=1)
-    attention_mask = torch.cat([torch.cat(query_masks), mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-    logprobs, ref_logprobs, values, scores = [], [], [], []
-    last = context + rlhf.last_token_index(mask)
-    for i in range(0, len(prompts), p.minibatch_size):  # forwards in minibatch-size chunks bound the memory
-        sl = slice(i, i + p.minibatch_size)
-        ids, att, pos = query_responses[sl], attention_mask[sl], position_ids[sl]
-        logits = policy(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
-        logprobs.append(response_logprobs(logits, ids, context, p.temperature))
-        ref_logits = ref_policy(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
-        ref_logprobs.append(response_logprobs(ref_logits, ids, context, p.temperature))
-        if with_values:
-            values.append(token_scores(unwrapped.value_model, ids, att, pos)[:, context - 1 : -1])
-        rm = token_scores(reward_model, ids, att, pos)
-        scores.append(rm[torch.arange(len(ids), device=device), last[sl]])
     unwrapped.train(was_training)
-
-    completions = []
-    for row, m in zip(responses, mask, strict=True):
-        completions.append(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True))
+    query_responses, attention_mask, position_ids, context, mask, ended = _assemble(pieces, tokenizer.pad_token_id,
+                                                                                  tokenizer.eos_token_id)
+    responses = query_responses[:, context:]
+    logprobs, ref_logprobs, values, scores = score_rollout(models, query_responses, attention_mask, position_ids,
+                                                           context, mask, p, with_values)
+    # One host transfer for the whole batch, not one per completion.
+    lengths = mask.sum(1).long().tolist()
+    completions = tokenizer.batch_decode([row[:n] for row, n in zip(responses.tolist(), lengths, strict=True)],
+                                         skip_special_tokens=True)
     plain = [q for _, q in prompts]
-    logprobs_t = torch.cat(logprobs) * mask
-    golds = [gold(q, c, bool(e)) for q, c, e in zip(plain, completions, ended, strict=True)] if gold else None
-    scores_t = torch.cat(scores)
+    golds = ([gold(q, c, e) for q, c, e in zip(plain, completions, ended.tolist(), strict=True)]
+             if gold else None)
     if p.reward == "gold":  # the oracle run: the gold reward replaces the reward model's score
-        scores_t = torch.tensor(golds, dtype=scores_t.dtype, device=scores_t.device)
+        scores = torch.tensor(golds, dtype=scores.dtype, device=scores.device)
     return Rollout(
         query_responses=query_responses,
         attention_mask=attention_mask,
@@ -207,14 +185,86 @@ def generate_rollout(
         context_length=context,
         mask=mask,
         ended=ended,
-        logprobs=logprobs_t,
-        ref_logprobs=torch.cat(ref_logprobs) * mask,
-        values=torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t),
-        scores=scores_t,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        scores=scores,
         prompts=plain,
         completions=completions,
         gold=golds,
     )
+
+
+def _assemble(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, eos_id: int,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """The sampled chunks as one batch: (query_responses, attention_mask, position_ids, P, mask, ended).
+
+    Prompts are left-padded to one width P, completions right-padded to R = the longest completion of the batch
+    (EOS included), not `max_new_tokens`: columns after every completion's end would only be padding that every
+    forward and loss masks out. R differs between iterations and processes; nothing gathers rollout tensors.
+    """
+    context = max(q.shape[1] for q, _, _ in pieces)
+    width = max(r.shape[1] for _, _, r in pieces)
+    queries = torch.cat([_left_pad(q, context, pad_id) for q, _, _ in pieces])
+    query_masks = torch.cat([_left_pad(qm, context, 0) for _, qm, _ in pieces])
+    responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=pad_id) for _, _, r in pieces])
+    mask, ended = rlhf.completion_mask(responses, eos_id)
+    longest = int(mask.sum(1).max())
+    responses, mask = responses[:, :longest], mask[:, :longest]
+    query_responses = torch.cat([queries, responses], dim=1)
+    attention_mask = torch.cat([query_masks, mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return query_responses, attention_mask, position_ids, context, mask, ended
+
+
+@torch.no_grad()
+def score_rollout(
+    models: Models, query_responses: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    context: int, mask: torch.Tensor, p: PPOConfig, with_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([B, R] policy log-probs, [B, R] reference log-probs, [B, R] values, [B] reward-model scores) of sampled
+    completions, without gradients; every [B, R] tensor is 0 after each completion's end.
+
+    Forwards run on `ppo.minibatch_size` rows at a time (bounding the memory), each on `token_window` of its
+    rows only, and the causal LMs compute logits for the completion positions only (`causal_lm_logits`): the
+    numbers of the real tokens are those of a forward over the whole padded batch.
+    """
+    unwrapped = models.accelerator.unwrap_model(models.model)
+    policy, ref_policy = unwrapped.policy, models.ref_policy
+    reward_model = distributed.inner(models.reward_model)
+    B, R = mask.shape
+    was_training = unwrapped.training
+    unwrapped.eval()
+    pack = all(can_pack(distributed.inner(m)) for m in (policy, ref_policy, unwrapped.value_model, reward_model))
+    logprobs, ref_logprobs, values, scores = [], [], [], []
+    for i in range(0, B, p.minibatch_size):
+        start, end = token_window(attention_mask[i : i + p.minibatch_size], mask[i : i + p.minibatch_size], context)
+        rows = slice(i, i + p.minibatch_size)
+        ids, att, pos = (t[rows, start:end] for t in (query_responses, attention_mask, position_ids))
+        ctx, n = context - start, end - context
+        if pack:  # no padding at all: the rows' tokens side by side in fewer rows (see `pack_rows`)
+            packed = pack_rows(ids, att, pos, ctx, n)
+            ids_p, att_p, pos_p = packed.input_ids, packed.attention_mask, packed.position_ids
+            logits = packed.unpack(causal_lm_logits(policy, ids_p, att_p, pos_p))
+            ref_logits = packed.unpack(causal_lm_logits(ref_policy, ids_p, att_p, pos_p))
+            value = packed.unpack(token_scores(unwrapped.value_model, ids_p, att_p, pos_p)) if with_values else None
+            scores.append(token_scores(reward_model, ids_p, att_p, pos_p).reshape(-1)[packed.last])
+        else:
+            logits = causal_lm_logits(policy, ids, att, pos, keep=n + 1)[:, :-1]
+            ref_logits = causal_lm_logits(ref_policy, ids, att, pos, keep=n + 1)[:, :-1]
+            value = token_scores(unwrapped.value_model, ids, att, pos)[:, ctx - 1 : -1] if with_values else None
+            rm = token_scores(reward_model, ids, att, pos)
+            last = ctx + rlhf.last_token_index(mask[rows, :n])
+            scores.append(rm[torch.arange(len(ids), device=rm.device), last])
+        completion = ids[:, ctx:]
+        logprobs.append(F.pad(_logprobs_at(logits, completion, p.temperature), (0, R - n)))
+        ref_logprobs.append(F.pad(_logprobs_at(ref_logits, completion, p.temperature), (0, R - n)))
+        if value is not None:
+            values.append(F.pad(value, (0, R - n)))
+    unwrapped.train(was_training)
+    logprobs_t = torch.cat(logprobs) * mask
+    values_t = torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t)
+    return logprobs_t, torch.cat(ref_logprobs) * mask, values_t, torch.cat(scores)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
@@ -237,8 +287,17 @@ def _left_pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 def response_logprobs(logits: torch.Tensor, ids: torch.Tensor, context: int, temperature: float) -> torch.Tensor:
-    """Log-probs of the completion tokens: position t of the sequence predicts token t + 1."""
-    return rlhf.logprobs_from_logits(logits[:, context - 1 : -1] / temperature, ids[:, context:])
+    """[B, R] log-probs of the completion tokens `ids[:, context:]`: position t of the sequence predicts token
+    t + 1. `logits` covers every position or only the last R + 1 (`causal_lm_logits`): the last R + 1 are read."""
+    n = ids.shape[1] - context
+    return _logprobs_at(logits[:, -n - 1 : -1], ids[:, context:], temperature)
+
+
+def _logprobs_at(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, R] log-probs of `tokens` under `logits` [B, R, V] (each position's prediction of its token)."""
+    if temperature != 1.0:  # dividing by 1 is exact: skip the copy of the logits
+        logits = logits / temperature
+    return rlhf.logprobs_from_logits(logits, tokens)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation

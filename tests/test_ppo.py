@@ -18,7 +18,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from pipeline import rlhf, rollout
+from pipeline import packing, rlhf, rollout
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import load_stage_model, token_scores
@@ -67,6 +67,72 @@ def test_left_padding_changes_no_log_prob_value_or_reward() -> None:
     assert float(r0) == pytest.approx(float(pooled), abs=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # SDPA: rows packed without padding; eager: windows
+def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_batch(attention: str) -> None:
+    """`score_rollout` cuts each block of rows to the columns they use (shared left padding, padding after the
+    longest completion) or packs them without padding, and asks for completion-position logits only: every real
+    token must get the numbers of plain forwards over the whole padded batch, and padding must stay 0."""
+    policy, value = _tiny_models()
+    ref, reward = _tiny_models()  # same seed: equal weights, but separate modules
+    for m in (policy, value, ref, reward):
+        m.set_attn_implementation(attention)
+    assert packing.can_pack(policy) == (attention == "sdpa")
+    pad, eos = 1, 0
+    # Three rows, prompt width 6, completion width 7; rows 0-1 form one scoring block (minibatch_size=2) whose
+    # prompts are at most 3 long and completions at most 3: its window is 6 of the 13 columns.
+    prompts = [[pad, pad, pad, 5, 6, 7], [pad, pad, pad, pad, 8, 9], [2, 3, 4, 5, 6, 7]]
+    completions = [[8, 9, eos, pad, pad, pad, pad], [10, eos, pad, pad, pad, pad, pad], [11, 12, 13, 14, 15, 16, 17]]
+    mask, _ = rlhf.completion_mask(torch.tensor(completions), eos)
+    ids = torch.cat([torch.tensor(prompts), torch.tensor(completions)], dim=1)
+    attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    context = 6
+    assert packing.token_window(attention[:2], mask[:2], context) == (3, 9)
+    p = load_config("configs/tiny.yaml", ["ppo.minibatch_size=1", "ppo.rollout_batch_size=2"]).ppo
+    p.minibatch_size, p.temperature = 2, 0.7
+    models = rollout.Models(Accelerator(cpu=True), rollout.PolicyAndValue(policy, value).eval(), ref, reward, None)
+    logprobs, ref_logprobs, values, scores = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
+    with torch.no_grad():
+        expected_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
+                                                       position_ids=positions).logits, ids, context, 0.7) * mask
+        expected_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1] * mask
+        rm = token_scores(reward, ids, attention, positions)
+    expected_scores = rm[torch.arange(3), context + rlhf.last_token_index(mask)]
+    assert logprobs.shape == values.shape == mask.shape == (3, 7)
+    assert torch.allclose(logprobs, expected_lp, atol=1e-5) and torch.allclose(ref_logprobs, expected_lp, atol=1e-5)
+    assert torch.allclose(values, expected_v, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-5)
+    assert logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
+
+
+def test_packed_rows_give_each_token_the_numbers_of_its_padded_row() -> None:
+    """The update packs a minibatch's rows into fewer rows without padding (block-diagonal causal mask, positions
+    restarting per sequence): the log-probs and values at the completion-predicting positions must be those of the
+    padded rows, with gradients flowing back."""
+    policy, value = _tiny_models()
+    pad = 1
+    prompts = [[pad, pad, 5, 6, 7], [pad, pad, pad, 8, 9], [2, 3, 4, 5, 6], [pad, pad, pad, pad, 3]]
+    completions = [[8, 9, 0, pad], [10, 0, pad, pad], [11, 12, 13, 14], [15, 0, pad, pad]]
+    mask, _ = rlhf.completion_mask(torch.tensor(completions), 0)
+    ids = torch.cat([torch.tensor(prompts), torch.tensor(completions)], dim=1)
+    attention = torch.cat([(torch.tensor(prompts) != pad).long(), mask.long()], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    context, n = 5, 4
+    assert packing.can_pack(policy) and packing.can_pack(value)
+    packed = packing.pack_rows(ids, attention, positions, context, n)
+    assert packed.input_ids.numel() < ids.numel()  # 4 rows of up to 9 real tokens in fewer slots than 4 × 9
+    with torch.no_grad():
+        padded_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
+                                                     position_ids=positions).logits, ids, context, 1.0)
+        padded_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1]
+    logits = packed.unpack(policy(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                  position_ids=packed.position_ids).logits)
+    lp = rlhf.logprobs_from_logits(logits, ids[:, context:])
+    v = packed.unpack(token_scores(value, packed.input_ids, packed.attention_mask, packed.position_ids))
+    assert torch.allclose(lp * mask, padded_lp * mask, atol=1e-5) and torch.allclose(v * mask, padded_v * mask, atol=1e-5)
+    (lp * mask).sum().backward()
+    assert policy.transformer.wte.weight.grad is not None
+
+
 def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
     cfg = _config_for_unit(sft_dir, rm_dir)
     accelerator = Accelerator(cpu=True)
@@ -80,7 +146,9 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_d
     prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
     models = rollout.Models(accelerator, model, ref, reward_model, tokenizer)
     r = rollout.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
-    R = cfg.ppo.max_new_tokens
+    # Completions are cut to the longest one (EOS included), not padded to max_new_tokens.
+    R = int(r.mask.sum(1).max())
+    assert 1 <= R <= cfg.ppo.max_new_tokens
     assert r.responses.shape == (2, R) and r.mask.shape == (2, R) and r.logprobs.shape == (2, R)
     # Left padding: the shorter prompt starts with padding the attention mask hides.
     assert r.attention_mask[0, 0] == 0 and r.attention_mask[1, 0] == 1

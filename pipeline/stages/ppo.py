@@ -27,14 +27,13 @@ Sampling seeds belong to fixed chunks of the global batch (`generation_batch_siz
 processes sample what one process would. Under ZeRO-3 the reference and reward model are sharded inference
 engines, every rank makes the same number of forwards (a forward is a collective there), and the policy is
 gathered once per `generate` (see pipeline/distributed.py). Rollouts and evaluation are in pipeline/rollout.py,
-the math in pipeline/rlhf.py.
+the optimization of a rollout in pipeline/update.py, the math in pipeline/rlhf.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,20 @@ from transformers import set_seed as hf_set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
 from pipeline import distributed, lora, rlhf, signals, tracking
-from pipeline.checkpoint import StageOutput, build_summary, write_json, write_jsonl
+from pipeline.checkpoint import StageOutput, build_summary, write_jsonl
 from pipeline.config import Config, ConfigError, PPOConfig, stage_key, to_dict
 from pipeline.data import as_chat, load_corpus, load_prompts, pack_corpus
 from pipeline.evaluation import check_gold_covers, gold_function, render_prompt
 from pipeline.guards import PPOGuard
-from pipeline.modeling import context_length, load_reward_model, load_reward_model_tokenizer, load_stage_model
+from pipeline.modeling import (
+    check_same_tokenizer,
+    context_length,
+    load_reward_model,
+    load_reward_model_tokenizer,
+    load_stage_model,
+)
 from pipeline.rollout import Models, PolicyAndValue, Rollout, evaluate_policy, sample_batch
+from pipeline.update import build_optimizer, global_moments, ppo_update, rollout_metrics
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -97,9 +103,9 @@ def run(cfg: Config) -> dict[str, Any]:
         ref_policy, _ = load_stage_model(p.reference or init, trust_remote_code=remote)
         value_model, value_tokenizer = load_reward_model(p.value_init or rm_path, trust_remote_code=remote)
     _check_models(p, policy, ref_policy, reward_model, tokenizer)
-    _check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
+    check_same_tokenizer(tokenizer, init, rm_tokenizer, rm_path, "ppo.reward_model", "the reward model", rm_target)
     if p.value_init:
-        _check_same_tokenizer(tokenizer, init, value_tokenizer, p.value_init, "ppo.value_init", "the value model",
+        check_same_tokenizer(tokenizer, init, value_tokenizer, p.value_init, "ppo.value_init", "the value model",
                               None)
     gold = gold_function(cfg.gold_reward)
     if p.reward == "gold" and gold is None:
@@ -132,7 +138,7 @@ def run(cfg: Config) -> dict[str, Any]:
             value_model.gradient_checkpointing_enable()
         model = PolicyAndValue(policy, value_model)
     trained = [t for t in model.parameters() if t.requires_grad]  # with LoRA: the two adapters and the value head
-    optimizer = torch.optim.AdamW(trained, lr=p.lr, weight_decay=p.weight_decay, eps=1e-5)
+    optimizer = build_optimizer(trained, p, accelerator)
     steps_per_iteration = p.ppo_epochs * (p.rollout_batch_size // p.minibatch_size)
     total_steps = p.iterations * steps_per_iteration
     scheduler = get_scheduler(p.lr_scheduler if not p.warmup_ratio or p.lr_scheduler == "linear"
@@ -202,10 +208,10 @@ def run(cfg: Config) -> dict[str, Any]:
         rewards, kl = rlhf.per_token_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask, beta)
         if p.whiten_rewards:
             rewards = rlhf.masked_whiten(rewards, rollout.mask, shift_mean=False,
-                                         **_global_moments(accelerator, rewards, rollout.mask))
+                                         **global_moments(accelerator, rewards, rollout.mask))
         advantages, returns = rlhf.gae_advantages(rewards, rollout.values, rollout.mask, p.gamma, p.lam)
         advantages = rlhf.masked_whiten(advantages, rollout.mask,
-                                        **_global_moments(accelerator, advantages, rollout.mask))
+                                        **global_moments(accelerator, advantages, rollout.mask))
         # A NaN reward, KL or advantage would reach every weight in the update: stop (or skip this rollout).
         if not guard.check({"reward": scores, "KL": kl, "advantage": advantages}, step, "rollout"):
             state.update(iteration=step, skipped_nonfinite=guard.skipped)
@@ -215,7 +221,7 @@ def run(cfg: Config) -> dict[str, Any]:
                                  ptx_blocks, p, cfg.seed, iteration, guard=guard)
         if p.nan_policy == "skip":
             state["skipped_nonfinite"] = guard.skipped
-        metrics = _rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
+        metrics = rollout_metrics(accelerator, rollout, kl, rewards, returns, beta)
         metrics.update(train_stats)
         metrics["ppo/lr"] = scheduler.get_last_lr()[0]
         if p.target_kl is not None:
@@ -235,7 +241,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # SIGTERM / Ctrl-C on any process: all of them checkpoint this iteration and stop (pipeline/signals.py).
         stop = signals.agreed_stop(accelerator.device)
         if stop or (step % p.save_steps == 0 and step < p.iterations):
-            _save_checkpoint(accelerator, out, state, step, p.save_total_limit)
+            out.save_checkpoint(accelerator, {STATE_FILE: state}, step, p.save_total_limit)
         if stop:
             raise signals.Stopped(stop, STAGE, step, str(out.checkpoints_dir / f"checkpoint-{step}"))
 
@@ -252,7 +258,7 @@ def run(cfg: Config) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
     if is_main and p.lora.enabled:
-        _save_lora(unwrapped, state_dict, staging, init, cfg.model.dtype, tokenizer, value_tokenizer)
+        lora.save_ppo(unwrapped, state_dict, staging, init, cfg.model.dtype, tokenizer, value_tokenizer)
     elif is_main:
         unwrapped.policy.save_pretrained(
             staging, state_dict=distributed.submodule_state_dict(state_dict, "policy", unwrapped.policy)
@@ -272,129 +278,6 @@ def run(cfg: Config) -> dict[str, Any]:
     tracking.log_table("eval/samples", SAMPLE_COLUMNS, [[r.get(c) for c in SAMPLE_COLUMNS] for r in samples[:64]])
     log.info("ppo: wrote %s (%s)", out.final_dir, _fmt(metrics))
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------- update
-
-
-def ppo_update(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    ptx_blocks: torch.Tensor | None,
-    p: PPOConfig,
-    seed: int,
-    iteration: int,
-    guard: PPOGuard | None = None,
-) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
-
-    The shuffle is per generation chunk (`_minibatches`), so every process count forms the same global
-    minibatches from the same samples. `guard` checks the losses before `backward` and the gradient norm
-    before `optimizer.step()`: a non-finite one stops the stage, or (nan_policy: skip) drops the minibatch.
-    """
-    model.train()
-    context = rollout.context_length
-    sums: dict[str, float] = {}
-    steps = 0
-    for minibatches in _minibatches(p, seed, iteration, accelerator):
-        for idx in minibatches:
-            idx = idx.to(rollout.mask.device)
-            mb = rollout.index(idx)
-            ptx_ids = None
-            if ptx_blocks is not None:
-                step_index = iteration * p.ppo_epochs * len(minibatches) + steps
-                ptx_ids = _ptx_batch(ptx_blocks, step_index, p.ptx_batch_size, seed, accelerator)
-            with accelerator.autocast():
-                logits, values, ptx_logits = model(mb["query_responses"], mb["attention_mask"], mb["position_ids"],
-                                                   ptx_ids)
-            logits = logits[:, context - 1 : -1].float() / p.temperature
-            logprobs = rlhf.logprobs_from_logits(logits, mb["query_responses"][:, context:])
-            values = values[:, context - 1 : -1]
-            mask = mb["mask"]
-            # Token means over the whole minibatch of all processes: gradients averaged over N processes
-            # are then those of one process on the combined minibatch.
-            num_tokens = _global_token_count(accelerator, mask)
-            pg_loss, pg_stats = rlhf.policy_loss(logprobs, mb["logprobs"], advantages[idx], mask, p.clip_range,
-                                                 num_tokens=num_tokens, log_ratio_clamp=p.log_ratio_clamp)
-            vf_loss, vf_clip = rlhf.value_loss(values, mb["values"], returns[idx], mask, p.clip_range_value,
-                                               num_tokens=num_tokens)
-            ptx = rlhf.lm_loss(ptx_logits.float(), ptx_ids) if ptx_logits is not None else None
-            loss = rlhf.ppo_ptx_loss(pg_loss, vf_loss, ptx, p.vf_coef, p.ptx_coef)
-            if guard is not None and not guard.check(
-                {"policy loss": pg_loss, "value loss": vf_loss, "ptx loss": ptx}, iteration + 1, "minibatch"
-            ):
-                continue
-            accelerator.backward(loss)  # under DeepSpeed the engine also clips and steps here
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.max_grad_norm)
-            # Under DeepSpeed the norm is None (the engine already stepped): only the losses are checked there.
-            if guard is not None and not guard.check({"gradient norm": grad_norm}, iteration + 1, "minibatch"):
-                optimizer.zero_grad()
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            with torch.no_grad():
-                stats = {
-                    "ppo/policy_loss": pg_loss,
-                    "ppo/value_loss": vf_loss,
-                    "ppo/loss": loss,
-                    "ppo/clip_frac": pg_stats["clip_frac"],
-                    "ppo/approx_kl": pg_stats["approx_kl"],
-                    "ppo/value_clip_frac": vf_clip,
-                    "ppo/entropy": rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask),
-                    "ppo/grad_norm": torch.as_tensor(float("nan") if grad_norm is None else float(grad_norm)),
-                }
-                if ptx is not None:
-                    stats["ppo/ptx_loss"] = ptx
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            steps += 1
-    local = {k: v / steps for k, v in sums.items()}
-    return _mean_over_processes(accelerator, local)
-
-
-def _minibatches(p: PPOConfig, seed: int, iteration: int, accelerator: Accelerator) -> list[list[torch.Tensor]]:
-    """For each PPO epoch, this process's minibatches as index tensors into its rollout.
-
-    Each generation chunk (`generation_batch_size` samples, one seed per place in the global batch) is
-    shuffled with its own generator, and minibatch j takes the j-th slice of every local chunk. A global
-    minibatch is then the j-th slice of every chunk of the global batch, whichever process holds it: one
-    process with N times the batch takes the same optimizer steps as N processes.
-    """
-    chunk = p.generation_batch_size or p.rollout_batch_size
-    n_chunks = p.rollout_batch_size // chunk
-    per_chunk = p.minibatch_size // n_chunks
-    first = accelerator.process_index * n_chunks
-    gens = [torch.Generator().manual_seed(seed * 7919 + iteration + 1_000_003 * (first + c)) for c in range(n_chunks)]
-    epochs = []
-    for _ in range(p.ppo_epochs):
-        orders = [c * chunk + torch.randperm(chunk, generator=gens[c]) for c in range(n_chunks)]
-        epochs.append([torch.cat([o[j : j + per_chunk] for o in orders]) for j in range(0, chunk, per_chunk)])
-    return epochs
-
-
-def _global_token_count(accelerator: Accelerator, mask: torch.Tensor) -> torch.Tensor:
-    """The minibatch's real tokens over all processes, divided by their number (see `rlhf.policy_loss`)."""
-    count = mask.sum().detach()
-    if accelerator.num_processes == 1:
-        return count.clamp(min=1)
-    return (accelerator.reduce(count, reduction="sum") / accelerator.num_processes).clamp(min=1)
-
-
-def _ptx_batch(blocks: torch.Tensor, step: int, batch_size: int, seed: int, accelerator: Accelerator) -> torch.Tensor:
-    """The corpus blocks of optimizer step `step` on this process: a fixed shuffled order, cycled, so a
-    resumed run continues with the same blocks it would have seen."""
-    per_step = batch_size * accelerator.num_processes
-    start = step * per_step + accelerator.process_index * batch_size
-    epoch, offset = divmod(start, len(blocks))
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch))
-    idx = torch.cat([order, torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch + 1))])
-    return blocks[idx[offset : offset + batch_size]].to(accelerator.device)
 
 
 def _iteration_prompts(
@@ -449,54 +332,6 @@ def ptx_eval_source(cfg: Config) -> str | None:
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def _global_moments(accelerator: Accelerator, values: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Masked mean and (Bessel-corrected) variance over every process's batch."""
-    if accelerator.num_processes == 1:
-        return {"mean": rlhf.masked_mean(values, mask), "var": rlhf.masked_var(values, mask)}
-    sums = torch.stack([(values * mask).sum(), mask.sum()])
-    sums = accelerator.reduce(sums, reduction="sum")
-    mean = sums[0] / sums[1]
-    sq = accelerator.reduce((((values - mean) ** 2) * mask).sum(), reduction="sum")
-    return {"mean": mean, "var": sq / (sums[1] - 1).clamp(min=1)}
-
-
-def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric averaged over processes (equal batch sizes per process, so a mean of means is fair)."""
-    if accelerator.num_processes == 1 or not metrics:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
-    t = accelerator.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
-def _rollout_metrics(
-    accelerator: Accelerator, r: Rollout, kl: torch.Tensor, rewards: torch.Tensor, returns: torch.Tensor,
-    beta: float,
-) -> dict[str, float]:
-    """Per-iteration statistics of the sampled batch; KL is per completion (summed over its tokens).
-
-    `kl` is the masked per-token k1 that went into the rewards, so `ppo/kl` is the number β multiplied.
-    """
-    k3 = rlhf.kl_estimates(r.logprobs, r.ref_logprobs)[1]
-    kl_seq = kl.sum(1)
-    m = {
-        "ppo/score": r.scores.mean(),
-        "ppo/kl": kl_seq.mean(),
-        "ppo/kl_k3": (k3 * r.mask).sum(1).mean(),
-        "ppo/kl_penalty": beta * kl_seq.mean(),
-        "ppo/reward": (rewards * r.mask).sum(1).mean(),
-        "ppo/beta": torch.tensor(beta),
-        "ppo/completion_length": r.mask.sum(1).mean(),
-        "ppo/eos_rate": r.ended.float().mean(),
-        "ppo/value_mean": rlhf.masked_mean(r.values, r.mask),
-        "ppo/explained_var": rlhf.explained_variance(r.values, returns, r.mask),
-    }
-    if r.gold is not None:
-        m["ppo/gold_score"] = torch.tensor(sum(r.gold) / len(r.gold))
-    return _mean_over_processes(accelerator, {k: float(v) for k, v in m.items()})
-
-
 def _summary_metrics(final: dict[str, float], baseline: dict[str, float], state: dict[str, Any],
                      p: PPOConfig) -> dict[str, Any]:
     """Final held-out metrics, the SFT policy's as `<key>_init`, and the gains that matter."""
@@ -541,24 +376,6 @@ def _check_lora(cfg: Config) -> None:
                           "(a LoRA reward model) or fresh; unset ppo.value_init, or ppo.lora.r=0")
 
 
-def _save_lora(shared: lora.SharedBase, state_dict: dict[str, torch.Tensor], staging: Path, init: str, dtype: str,
-               tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase) -> None:
-    """The LoRA policy as its adapter (adapter/) and merged into a full-precision copy of the SFT model (the
-    stage directory itself); the value model likewise under value_model/ (a sequence-classification model)."""
-    weights = distributed.submodule_state_dict(state_dict, "base", shared.base)
-    lora.save_adapter(shared.base, staging / lora.ADAPTER_DIR, lora.POLICY, weights)
-    lora.merge_causal_lm(init, staging / lora.ADAPTER_DIR, dtype).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    value_dir = staging / "value_model"
-    lora.save_adapter(shared.base, value_dir / lora.ADAPTER_DIR, lora.VALUE, weights)
-    value = lora.merge_reward_model(init, value_dir / lora.ADAPTER_DIR, dtype, len(value_tokenizer),
-                                    value_tokenizer.pad_token_id)
-    with torch.no_grad():
-        value.score.weight.copy_(state_dict["value_head.weight"].to(value.score.weight.dtype))
-    value.save_pretrained(value_dir)
-    value_tokenizer.save_pretrained(value_dir)
-
-
 def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedModel | None,
                   reward_model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase) -> None:
     """Fail before training when the models cannot work together (with LoRA the reference, and a LoRA reward
@@ -577,45 +394,6 @@ def _check_models(p: PPOConfig, policy: PreTrainedModel, ref_policy: PreTrainedM
                           "'ppo.reference' must be the policy's base (e.g. the sft output)")
     if tokenizer.eos_token_id is None:
         raise ConfigError("the policy's tokenizer has no EOS token: completions could never end")
-
-
-def _check_same_tokenizer(
-    policy_tokenizer: PreTrainedTokenizerBase, policy_path: str, other: PreTrainedTokenizerBase, other_path: str,
-    key: str, noun: str, make_target: str | None,
-) -> None:
-    """The reward and value models read the policy's token ids as they are: they must have been trained on the
-    same tokenizer (the reward model may add a pad token of its own). An embedding of the same size says nothing:
-    another tokenizer with as many tokens gives the same ids other meanings, and the rewards would be noise."""
-    theirs = other.get_vocab()
-    for token, i in sorted(policy_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if theirs.get(token) != i:
-            where = "missing from" if token not in theirs else f"id {theirs[token]} in"
-            how = f"rebuild it from this SFT model: `make {make_target}`" if make_target else (
-                "train it from the policy's SFT model (rm.init), or point it at one that was")
-            raise ConfigError(
-                f"'{key}' ({other_path}) was trained with another tokenizer than the policy ({policy_path}): token "
-                f"{token!r} is id {i} in the policy's tokenizer but {where} {noun}'s; {how}"
-            )
-
-
-def _save_checkpoint(accelerator: Accelerator, out: StageOutput, state: dict[str, Any], step: int,
-                     keep: int) -> None:
-    """accelerate's full state (models, optimizer, scheduler, RNG) plus ours (iteration, β, history), written
-    to a temporary name and renamed, so an interruption mid-save never leaves a checkpoint to resume from."""
-    final = out.checkpoints_dir / f"checkpoint-{step}"
-    tmp = out.checkpoints_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # under DeepSpeed every rank writes its own optimizer shard
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, state)
-        tmp.rename(final)
-        old = sorted(out.checkpoints_dir.glob("checkpoint-*[0-9]"), key=lambda d: int(d.name.split("-")[-1]))
-        for d in old[:-keep]:
-            shutil.rmtree(d, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -1,0 +1,108 @@
+"""Batches without padding work for PPO's forwards: a block of rollout rows (left-padded prompts, right-padded
+completions) cut to the columns it uses (`token_window`), or its rows packed side by side into fewer rows with a
+block-diagonal causal mask (`pack_rows`). Either way every real token gets the numbers of the padded batch (the
+same tokens, positions and attention keys), within float rounding; pipeline/rollout.py and pipeline/update.py use
+them, docs/performance.md measures what they save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def token_window(attention_mask: torch.Tensor, mask: torch.Tensor, context: int) -> tuple[int, int]:
+    """Columns [start, end) of some rollout rows that hold a real token of any of them: the left padding all
+    their prompts share and the columns after their longest completion are cut. Attention masks those columns
+    and position ids count real tokens only, so a forward on the window gives the real tokens the same numbers.
+    """
+    prompt_len = attention_mask[:, :context].sum(1).max()
+    longest = mask.sum(1).max().long()
+    prompt_len, longest = torch.stack([prompt_len.long(), longest]).tolist()  # one host sync, not two
+    return context - prompt_len, context + longest
+
+
+@dataclass
+class PackedRows:
+    """Rows of a rollout window packed into fewer, longer rows without padding between them: each original row's
+    real tokens sit side by side in a bin, a block-diagonal causal mask keeps every sequence to its own tokens
+    and position ids restart with each. `index` [B, n] is where (in the flattened [bins · L] output) the
+    outputs of each row's columns `ctx − 1 … ctx + n − 2` are: the positions that predict its n completion
+    tokens (past a row's last real token it points at that token; the mask zeroes those)."""
+
+    input_ids: torch.Tensor  # [bins, L]
+    position_ids: torch.Tensor  # [bins, L]
+    attention_mask: torch.Tensor  # [bins, 1, L, L] bool, True = attend (scaled_dot_product_attention's form)
+    index: torch.Tensor  # [B, n]
+    last: torch.Tensor  # [B] flat position of each row's last real token (where the reward model's score is read)
+
+    def unpack(self, outputs: torch.Tensor) -> torch.Tensor:
+        """[bins, L, ...] model outputs → [B, n, ...] at the completion-predicting positions."""
+        return outputs.reshape(-1, *outputs.shape[2:])[self.index]
+
+
+def can_pack(model: Any) -> bool:
+    """Packing hands the model a custom 4D boolean mask, the form torch's SDPA attention takes as is."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == "sdpa"
+
+
+def pack_rows(ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, context: int,
+              n: int) -> PackedRows:
+    """`PackedRows` of left-padded prompt + right-padded completion rows (a `token_window`), bins of a length L
+    chosen to minimize bins · L (first-fit, longest rows first). Every token's numbers are those of the padded
+    rows: the same tokens, positions and keys in its attention."""
+    B, T = ids.shape
+    real = attention_mask.bool()
+    cols = torch.arange(T, device=ids.device).expand(B, T)
+    first = torch.where(real, cols, T).min(1).values
+    last = torch.where(real, cols, -1).max(1).values
+    first_l, last_l = torch.stack([first, last]).tolist()
+    lengths = [b - a + 1 for a, b in zip(first_l, last_l, strict=True)]
+    bins, offsets, L = _first_fit(lengths)
+    dest, src, seq = [], [], []
+    for i, (a, length) in enumerate(zip(first_l, lengths, strict=True)):
+        start = bins[i] * L + offsets[i]
+        dest.extend(range(start, start + length))
+        src.extend(range(i * T + a, i * T + a + length))
+        seq.extend([i] * length)
+    size = (max(bins) + 1) * L
+    dest_t = torch.tensor(dest, device=ids.device)
+    src_t = torch.tensor(src, device=ids.device)
+    flat_ids = ids.new_zeros(size)
+    flat_ids[dest_t] = ids.reshape(-1)[src_t]
+    flat_pos = position_ids.new_zeros(size)
+    flat_pos[dest_t] = position_ids.reshape(-1)[src_t]
+    seq_ids = torch.arange(size, device=ids.device) + B  # a padding slot is a sequence of its own
+    seq_ids[dest_t] = torch.tensor(seq, device=ids.device)
+    seq_ids = seq_ids.view(-1, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    mask = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
+    index = [[bins[i] * L + offsets[i] + min(context - 1 + t, last_l[i]) - first_l[i] for t in range(n)]
+             for i in range(B)]
+    last = [bins[i] * L + offsets[i] + lengths[i] - 1 for i in range(B)]
+    return PackedRows(flat_ids.view(-1, L), flat_pos.view(-1, L), mask.unsqueeze(1),
+                      torch.tensor(index, device=ids.device), torch.tensor(last, device=ids.device))
+
+
+def _first_fit(lengths: list[int]) -> tuple[list[int], list[int], int]:
+    """(bin, offset in it) of each length and the bin length L: first-fit decreasing, for the L among a few
+    multiples of the longest that leaves the fewest slots (bins · L); attention's cost grows with L, so ties
+    go to the shorter."""
+    longest, best = max(lengths), None
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for L in (longest, 2 * longest, 3 * longest, 4 * longest):
+        fill: list[int] = []
+        bins, offsets = [0] * len(lengths), [0] * len(lengths)
+        for i in order:
+            k = next((k for k, used in enumerate(fill) if used + lengths[i] <= L), len(fill))
+            if k == len(fill):
+                fill.append(0)
+            bins[i], offsets[i] = k, fill[k]
+            fill[k] += lengths[i]
+        if best is None or len(fill) * L < best[0]:
+            best = (len(fill) * L, bins, offsets, L)
+    assert best is not None
+    return best[1], best[2], best[3]
