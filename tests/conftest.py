@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,23 @@ TINY = ROOT / "data" / "tiny"
 os.chdir(ROOT)  # tests name configs/ and data/ relative to the repository, as users do
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, ...)` for multi-process launches: the command runs in a
+    session of its own, and a timeout (or any error while waiting) kills the whole process group, so the ranks
+    a launcher started do not outlive a failed test and slow every test after it (subprocess.run would kill
+    only the launcher)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)  # type: ignore[call-overload]
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def head(src: Path, dst: Path, n: int) -> Path:

@@ -36,6 +36,7 @@ from pipeline.modeling import compute_rewards, load_causal_lm, load_reward_model
 from pipeline.rollout import Models, PolicyAndValue, generate_rollout
 from pipeline.stages import ppo, pretrain, rm, sft
 from tests import standin
+from tests.conftest import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,7 +421,6 @@ def test_llama3_zero3_profile_runs_every_stage_under_deepspeed_zero3(
     configs/accelerate/zero3.yaml -m pipeline <stage>`), on 2 CPU processes over gloo, adapters off (full fine-tuning:
     what its pretrain stage does): the Llama stand-in's weights sharded as they load, the reward model's added
     `<|pad|>` row and its shift kept in config under ZeRO-3, all four stages. About 2-3 minutes."""
-    import subprocess
     import sys
 
     registry = [f"datasets.{name}.{k}=null" for name in hub_files for k in ("hub", "split", "subset")]
@@ -430,11 +430,11 @@ def test_llama3_zero3_profile_runs_every_stage_under_deepspeed_zero3(
                  "sft.lora.r=0", "rm.lora.r=0", "ppo.lora.r=0", *SMALL, *registry]
     accelerate = str(Path(sys.executable).parent / "accelerate")
     for stage in ("pretrain", "sft", "rm", "ppo"):
-        proc = subprocess.run(
+        proc = run_group(
             [accelerate, "launch", "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "2",
              "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "pipeline", stage,
              "--config", "configs/llama3-8b-lora-zero3.yaml", *overrides],
-            capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+            timeout=600, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
         assert proc.returncode == 0, (stage, proc.stderr[-4000:])
         done = json.loads((run / stage / "summary.json").read_text())
         assert done["distributed"]["type"] == "DEEPSPEED" and done["distributed"]["zero_stage"] == 3

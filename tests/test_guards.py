@@ -18,7 +18,7 @@ from pipeline import guards, rlhf
 from pipeline.__main__ import main
 from pipeline.config import Config
 from pipeline.stages import ppo
-from tests.conftest import ROOT, small_overrides
+from tests.conftest import ROOT, run_group, small_overrides
 
 BAD_STEP = 4  # the optimizer step (or PPO iteration) whose update carries the NaN; checkpoints every 2 steps
 
@@ -226,7 +226,6 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(small_data: dict[st
     """torchrun, 2 processes (gloo): rank 1 alone sees a NaN loss at step 4. The flag is summed over processes,
     so rank 0 stops there too instead of waiting forever in the gradient all-reduce rank 1 never joins."""
     import os
-    import subprocess
     import sys
 
     run = tmp_path / "runs"
@@ -236,8 +235,8 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(small_data: dict[st
     env = {**os.environ, "NAN_AT_STEP": str(BAD_STEP), "NAN_ON_RANK": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
-    proc = subprocess.run([*launcher, str(ROOT / "tests" / "nan_on_one_rank.py"), "pretrain", "--config", "configs/tiny.yaml",
-                           *overrides], capture_output=True, text=True, timeout=300, env=env)
+    proc = run_group([*launcher, str(ROOT / "tests" / "nan_on_one_rank.py"), "pretrain", "--config", "configs/tiny.yaml",
+                      *overrides], timeout=300, env=env)
     assert proc.returncode != 0
     # One line from each rank, the same one (a progress bar's \r may precede it on the terminal line).
     line = (f"error: pretrain: non-finite loss at step {BAD_STEP}; the update was not applied; last good checkpoint "

@@ -23,6 +23,7 @@ from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import load_stage_model, token_scores
 from pipeline.stages import ppo
+from tests.conftest import run_group
 
 
 def _tiny_models(vocab: int = 50) -> tuple[GPT2LMHeadModel, GPT2ForSequenceClassification]:
@@ -325,7 +326,6 @@ def test_two_processes_split_the_rollouts_gather_the_evaluation_and_write_once(
 ) -> None:
     """`torchrun --nproc_per_node 2`: DDP over gloo wraps policy and value model; each process samples its
     half of the prompts; the held-out evaluation is gathered (every sample once); only rank 0 writes."""
-    import subprocess
     import sys
 
     cfg = make_config(f"ppo.init={sft_dir}", f"ppo.reward_model={rm_dir}", "ppo.iterations=2", "ppo.eval_prompts=5",
@@ -335,10 +335,9 @@ def test_two_processes_split_the_rollouts_gather_the_evaluation_and_write_once(
                  "ppo.iterations=2", "ppo.rollout_batch_size=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
                  "ppo.max_new_tokens=6", "ppo.eval_prompts=5", "ppo.eval_samples_per_prompt=2", "ppo.ptx_batch_size=2",
                  "ppo.ptx_block_size=32", "ppo.eval_corpus_blocks=3", "ppo.eval_steps=null", "tracking.wandb=false"]
-    proc = subprocess.run(
+    proc = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-         "-m", "pipeline", "ppo", "--config", "configs/tiny.yaml", *overrides],
-        capture_output=True, text=True, timeout=300,
+         "-m", "pipeline", "ppo", "--config", "configs/tiny.yaml", *overrides], timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(cfg.run_dir) / "ppo"

@@ -27,6 +27,7 @@ from pipeline.modeling import (
 )
 from pipeline.ranking import Ranking, RankingCollator, encode_rankings, fit, ranking_metrics
 from pipeline.stages import rm
+from tests.conftest import run_group
 
 # ------------------------------------------------------------------------------------------ batching
 
@@ -241,7 +242,6 @@ def test_two_processes_score_every_held_out_prompt_once(make_config: Callable[..
                                                         tmp_path: Path) -> None:
     """`torchrun --nproc_per_node 2`: the held-out rankings are split across processes and gathered, so the
     untrained head's metrics equal the single-process ones exactly (41 prompts: the shards are uneven)."""
-    import subprocess
     import sys
 
     rankings = Path(make_config().rm.data.eval)
@@ -253,10 +253,9 @@ def test_two_processes_score_every_held_out_prompt_once(make_config: Callable[..
     overrides = [f"{k}={v}" for k, v in (
         ("run_dir", tmp_path / "two"), ("rm.data.train", one.rm.data.train), ("sft.data.eval", one.sft.data.eval),
     )] + common
-    proc = subprocess.run(
+    proc = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-         "-m", "pipeline", "rm", "--config", "configs/tiny.yaml", *overrides],
-        capture_output=True, text=True, timeout=300,
+         "-m", "pipeline", "rm", "--config", "configs/tiny.yaml", *overrides], timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "rm" / "summary.json").read_text())["metrics"]

@@ -4,6 +4,7 @@ bad input fails before anything is written, and the gpt2 profile's from_pretrain
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError
 from pipeline.modeling import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
 from pipeline.stages import pretrain, sft
+from tests.conftest import run_group
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -182,7 +184,6 @@ def test_two_processes_shard_the_data_gather_the_eval_and_write_once(
     small_data: dict[str, Path], tmp_path: Path
 ) -> None:
     """`torchrun --nproc_per_node 2` on the CPU: the same code path as N GPUs under `accelerate launch`."""
-    import subprocess
     import sys
 
     run = tmp_path / "runs"
@@ -196,8 +197,8 @@ def test_two_processes_shard_the_data_gather_the_eval_and_write_once(
     ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     for stage in ("pretrain", "sft"):
-        proc = subprocess.run([*launcher, "-m", "pipeline", stage, "--config", "configs/tiny.yaml", *overrides],
-                              capture_output=True, text=True, timeout=300)
+        proc = run_group([*launcher, "-m", "pipeline", stage, "--config", "configs/tiny.yaml", *overrides],
+                         timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "sft" / "summary.json").read_text())
     log = [json.loads(line) for line in (run / "pretrain" / "log_history.jsonl").read_text().splitlines()]
@@ -250,3 +251,23 @@ def test_gold_reward_that_cannot_score_the_eval_prompts_fails_before_training(
     sft.run(make_config(f"sft.data.eval={other}", "gold_reward=null", run_dir=tmp_path / "r"))  # real data: no gold
     metrics = json.loads((tmp_path / "r" / "sft" / "summary.json").read_text())["metrics"]
     assert "eval/gold_score" not in metrics and "eval/eos_rate" in metrics
+
+
+def test_a_timed_out_launch_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The multi-process tests run their launcher with `run_group`: on a timeout the ranks the launcher started
+    are killed with it (subprocess.run would kill the launcher alone, and orphaned ranks slow every later test)."""
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=2)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed with its group, then reaped by init
+        try:
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the launcher's child {child} outlived the timeout")

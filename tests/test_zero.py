@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, small_overrides
+from conftest import ROOT, run_group, small_overrides
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -71,8 +71,7 @@ def launch(preset: str, stage: str, overrides: list[str], script: list[str] | No
     cmd = [ACCELERATE, "launch", "--config_file", f"configs/accelerate/{preset}.yaml", "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", str(_free_port()),
            *(script or ["-m", "pipeline"]), stage, "--config", "configs/tiny.yaml", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
-                          env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
+    return run_group(cmd, timeout=TIMEOUT, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -251,8 +250,7 @@ def test_a_preset_that_contradicts_the_stage_config_fails_with_one_clear_error(
     cmd = [ACCELERATE, "launch", "--config_file", str(bad), "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", str(_free_port()), "-m", "pipeline", stage, "--config", "configs/tiny.yaml",
            *two_process_overrides(chain, tmp_path / "runs")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = run_group(cmd, timeout=TIMEOUT, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode != 0
     assert f"'gradient_clipping: 0.5' but '{stage}.max_grad_norm' is 1.0" in proc.stderr, proc.stderr[-3000:]
     # no stack trace from the ranks (accelerate's launcher still reports the failed children in its own words)
