@@ -202,22 +202,30 @@ def quiet() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="this project's side of one bench run")
+def side_main(description: str, run_ppo: Any, run_sft: Any, argv: list[str] | None, ptx: bool) -> int:
+    """One side's command line (this project's, or TRL's in bench/peer.py): one stage's measurement, printed
+    as the line bench/run.py reads. `ptx`: the side offers --ptx (TRL has no ptx term)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("stage", choices=["ppo", "sft"])
     p.add_argument("--assets", type=Path, required=True)
-    p.add_argument("--ptx", action="store_true", help="PPO with ptx_coef=1 (the tiny profile's γ_ptx)")
+    if ptx:
+        p.add_argument("--ptx", action="store_true", help="PPO with ptx_coef=1 (the tiny profile's γ_ptx)")
     p.add_argument("--iterations", type=int, default=PPOBench.iterations)
     p.add_argument("--sft-data", default=SFTBench.data, help="demonstrations file in the assets directory")
     args = p.parse_args(argv)
     quiet()
     os.chdir(ROOT)
     if args.stage == "ppo":
-        result = run_ppo(args.assets, PPOBench(iterations=args.iterations, ptx_coef=1.0 if args.ptx else 0.0))
+        ptx_coef = 1.0 if getattr(args, "ptx", False) else 0.0
+        result = run_ppo(args.assets, PPOBench(iterations=args.iterations, ptx_coef=ptx_coef))
     else:
         result = run_sft(args.assets, SFTBench(data=args.sft_data))
     emit(result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return side_main("this project's side of one bench run", run_ppo, run_sft, argv, ptx=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ Prints one `BENCH {json}` line.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -28,8 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
 
-from ours import SFTClock, StepCounter, quiet  # noqa: E402
-from settings import PPOBench, SFTBench, emit, ppo_settings, sft_settings  # noqa: E402
+from ours import SFTClock, StepCounter, side_main  # noqa: E402
+from settings import PPOBench, SFTBench, ppo_settings, sft_settings  # noqa: E402
 
 
 def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
@@ -118,20 +116,7 @@ def run_sft(assets: Path, s: SFTBench) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="TRL's side of one bench run (run it with the peer venv)")
-    p.add_argument("stage", choices=["ppo", "sft"])
-    p.add_argument("--assets", type=Path, required=True)
-    p.add_argument("--iterations", type=int, default=PPOBench.iterations)
-    p.add_argument("--sft-data", default=SFTBench.data)
-    args = p.parse_args(argv)
-    quiet()
-    os.chdir(ROOT)
-    if args.stage == "ppo":
-        result = run_ppo(args.assets, PPOBench(iterations=args.iterations))
-    else:
-        result = run_sft(args.assets, SFTBench(data=args.sft_data))
-    emit(result)
-    return 0
+    return side_main("TRL's side of one bench run (run it with the peer venv)", run_ppo, run_sft, argv, ptx=False)
 
 
 if __name__ == "__main__":
