@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline import lora
 from pipeline.config import ConfigError, load_config
-from pipeline.modeling import compute_rewards, load_reward_model
+from pipeline.modeling import compute_rewards, fuse_activations, load_reward_model
 from pipeline.stages import ppo, pretrain, rm, sft
 
 LORA = ["sft.lora.r=8", "sft.lora.alpha=16", "sft.lr=5e-3", "sft.lora.modules_to_save=[wte]", "rm.lora.r=8", "rm.lr=2e-3", "ppo.lora.r=8",
@@ -102,7 +102,7 @@ def test_lora_ppo_holds_one_base_and_the_reference_is_the_sft_model_exactly(lora
     shared = models.accelerator.unwrap_model(models.model)
     roles = {"policy": shared.policy, "reference": models.ref_policy, "value": shared.value_model,
              "reward": models.reward_model}
-    sft_model = AutoModelForCausalLM.from_pretrained(run / "sft")
+    sft_model = fuse_activations(AutoModelForCausalLM.from_pretrained(run / "sft"))  # as every stage loads it
     base_tensors = {n: t for n, t in sft_model.named_parameters()}  # one copy of the base: this many tensors
     storages: set[int] = set()
     for role in roles.values():

@@ -71,3 +71,29 @@ def test_missing_or_unloadable_models_fail_with_one_clear_message(tmp_path: Path
     (broken / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"cannot load (tokenizer|model) '.*broken'"):
         load_stage_model(broken)
+
+
+def test_loaded_gpt2s_run_the_one_kernel_gelu_with_the_same_outputs_and_saved_config(tiny_cfg, tmp_path: Path) -> None:
+    import torch
+    from transformers import GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from pipeline.modeling import load_reward_model
+
+    tokenizer = build_tiny_tokenizer(tiny_cfg.tokenizer)
+    model = build_tiny_model(tiny_cfg.model, tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "summary.json").write_text("{}")  # what a finished stage leaves
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()  # transformers' own loading: gelu_new's eight ops
+    loaded, _ = load_stage_model(tmp_path)
+    reward, _ = load_reward_model(tmp_path)
+    for m in (model, loaded, reward):
+        acts = [type(a) for a in m.modules() if isinstance(a, (GELUTanh, NewGELUActivation))]
+        assert acts and set(acts) == {GELUTanh}, acts
+    assert any(isinstance(a, NewGELUActivation) for a in plain.modules())
+    ids = torch.randint(0, len(tokenizer), (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")  # the swap is not written into checkpoints
+    assert GPT2LMHeadModel.config_class.from_pretrained(tmp_path / "again").activation_function == "gelu_new"
