@@ -214,11 +214,14 @@ def ranking_metrics(
     - `rank1_acc`: share of prompts whose highest-reward completion has rank 1, against `rank1_chance`,
       the expected share when picking a completion at random (1/K without ties);
     - `gold_agreement`: share of completion pairs with different gold scores that the RM orders like the
-      gold reward (only with a gold reward);
+      gold reward (only with a gold reward), pooled over all pairs;
+    - `gold_agreement_per_prompt`: the same share within each prompt, averaged over prompts, so that a prompt
+      with many completions (n completions make up to n(n-1)/2 pairs) weighs what any other prompt weighs;
     - `reward_mean`, `reward_std` over all completions.
     """
     losses, correct, pairs_total, rank1, chance = [], 0.0, 0, 0, 0.0
     agree, agree_total = 0.0, 0
+    per_prompt: list[float] = []
     flat: list[float] = []
     for i, (rw, rk) in enumerate(zip(rewards, ranks, strict=True)):
         r = torch.tensor(rw, dtype=torch.float64)
@@ -236,8 +239,10 @@ def ranking_metrics(
             g = golds[i]
             gold_pairs = [(a, b) for a in range(len(g)) for b in range(len(g)) if g[a] > g[b]]
             if gold_pairs:
-                agree += float(rlhf.pairwise_correct(r, torch.tensor(gold_pairs)).sum())
+                agreed = float(rlhf.pairwise_correct(r, torch.tensor(gold_pairs)).sum())
+                agree += agreed
                 agree_total += len(gold_pairs)
+                per_prompt.append(agreed / len(gold_pairs))
     flat_t = torch.tensor(flat, dtype=torch.float64)
     metrics = {
         "loss": sum(losses) / max(len(losses), 1),
@@ -249,15 +254,22 @@ def ranking_metrics(
     }
     if golds is not None and agree_total:
         metrics["gold_agreement"] = agree / agree_total
+        metrics["gold_agreement_per_prompt"] = sum(per_prompt) / len(per_prompt)
     return metrics
 
 
 def samples_agreement(
     score: Callable[[list[Ranking]], list[list[float]]], tokenizer: PreTrainedTokenizerBase, policy_dir: Path,
     max_length: int,
-) -> float | None:
-    """Gold agreement on what a policy actually produces: a policy stage's held-out samples (samples.jsonl,
-    with their gold scores), each prompt's samples ranked by `score` (a reward model's rewards).
+) -> tuple[float, float] | None:
+    """Gold agreement on what a policy actually produces, (per prompt, pooled): a policy stage's held-out
+    samples (samples.jsonl, with their gold scores), each prompt's samples ranked by `score` (a reward model's
+    rewards).
+
+    Per prompt is the headline: a held-out file repeats the prompts of a small prompt space (the tiny task's 10
+    count prompts fill 29 % of its rows), so one prompt can hold 56 of 384 samples and, its pairs growing with
+    the square, half of all pooled pairs; per prompt, every distinct prompt weighs the same, as in the reward
+    model's own loss. Both numbers are reported.
 
     The held-out rankings were written by hand (or by the tiny task's generator); PPO optimizes against
     the RM on the policy's own samples, where it matters most that the RM orders them like the gold: the
@@ -289,4 +301,6 @@ def samples_agreement(
     if not rankings:  # e.g. sft.generation.num_prompts=0: no samples to judge
         return None
     metrics = ranking_metrics(score(rankings), [x.ranks for x in rankings], golds)
-    return metrics.get("gold_agreement")
+    if "gold_agreement" not in metrics:  # every prompt's samples tied on gold
+        return None
+    return metrics["gold_agreement_per_prompt"], metrics["gold_agreement"]

@@ -357,6 +357,8 @@ class Round:
     gold_init: float | None  # held-out gold of the SFT policy (round 1's starting point, whichever a round starts from)
     gold: float | None  # held-out gold of this round's PPO policy
     kl: float | None  # its held-out KL to SFT (nats per completion)
+    rm_agreement_pooled: float | None = None  # rm_agreement pooled over all pairs instead of per prompt
+
 
     @property
     def gain(self) -> float | None:
@@ -380,31 +382,34 @@ def load_rounds(run_dir: Path) -> list[Round]:
             sft_gold = ppo.get("eval/gold_score_init")
         rm = _metrics(d / "rm") if name != "oracle (gold reward)" else None
         label = _metrics(d / "label") if name.startswith("round ") and name != "round 1" else None
-        agreement = None
+        agreement = pooled = None
         if rm is not None:  # round 1 starts from SFT; round r from round r-1's policy (rm.policy_samples)
-            agreement = rm.get("eval/gold_agreement_policy_samples", rm.get("eval/gold_agreement_sft_samples"))
+            which = "policy" if "eval/gold_agreement_policy_samples" in rm else "sft"
+            agreement = rm.get(f"eval/gold_agreement_{which}_samples")
+            pooled = rm.get(f"eval/gold_agreement_{which}_samples_pooled")
         rounds.append(Round(name, d / "ppo", label.get("rankings") if label else None,
                             label.get("rm_gold_agreement") if label else None, agreement,
                             sft_gold if sft_gold is not None else ppo.get("eval/gold_score_init"),
                             ppo.get("eval/gold_score"),
-                            ppo.get("eval/kl_to_sft", ppo.get("eval/kl"))))
+                            ppo.get("eval/kl_to_sft", ppo.get("eval/kl")), pooled))
     return rounds
 
 
 def rounds_lines(rounds: Sequence[Round]) -> list[str]:
     """The rounds side by side as text (`make iterate` prints it)."""
-    head = (f"{'':<22}{'new rankings':>13}{'RM-gold agreement':>19}{'(previous RM)':>15}{'held-out gold':>15}"
-            f"{'gain':>9}{'KL to SFT':>11}")
+    head = (f"{'':<22}{'new rankings':>13}{'RM-gold agreement':>19}{'(previous RM)':>15}{'(pooled)':>10}"
+            f"{'held-out gold':>15}{'gain':>9}{'KL to SFT':>11}")
     lines = [head]
     for r in rounds:
         cells = [_fmt_opt(r.labels, "d"), _fmt_opt(r.rm_agreement), _fmt_opt(r.rm_agreement_before),
-                 _fmt_opt(r.gold), _fmt_opt(r.gain, "+.4f"), _fmt_opt(r.kl, ".3f")]
-        lines.append(f"{r.name:<22}{cells[0]:>13}{cells[1]:>19}{cells[2]:>15}{cells[3]:>15}{cells[4]:>9}"
-                     f"{cells[5]:>11}")
+                 _fmt_opt(r.rm_agreement_pooled), _fmt_opt(r.gold), _fmt_opt(r.gain, "+.4f"), _fmt_opt(r.kl, ".3f")]
+        lines.append(f"{r.name:<22}{cells[0]:>13}{cells[1]:>19}{cells[2]:>15}{cells[3]:>10}{cells[4]:>15}"
+                     f"{cells[5]:>9}{cells[6]:>11}")
     if rounds and rounds[0].gold_init is not None:
         lines.append(f"SFT policy held-out gold: {rounds[0].gold_init:.4f}. RM-gold agreement: the round's reward "
-                     "model on held-out samples of the policy the round starts from (round 1: SFT); previous RM: "
-                     "the last round's reward model on the same samples.")
+                     "model on held-out samples of the policy the round starts from (round 1: SFT), per prompt; previous "
+                     "RM: the last round's reward model on the same samples; pooled: the round's reward model over "
+                     "all pairs of those samples, where a prompt with n samples weighs ~n².")
     return lines
 
 
@@ -414,6 +419,7 @@ def _rounds_html(rounds: Sequence[Round]) -> list[str]:
     rows = "".join(
         f"<tr><td>{_e(r.name)}</td><td class='num'>{_fmt_opt(r.labels, 'd')}</td>"
         f"<td class='num'>{_fmt_opt(r.rm_agreement)}</td><td class='num'>{_fmt_opt(r.rm_agreement_before)}</td>"
+        f"<td class='num'>{_fmt_opt(r.rm_agreement_pooled)}</td>"
         f"<td class='num'>{_fmt_opt(r.gold)}</td>"
         f"<td class='num'>{_fmt_opt(r.gain, '+.4f')}</td><td class='num'>{_fmt_opt(r.kl, '.3f')}</td></tr>"
         for r in rounds)
@@ -421,8 +427,10 @@ def _rounds_html(rounds: Sequence[Round]) -> list[str]:
             "<p>Round 1 is the chain (reward model on the profile's rankings); each later round ranks samples of the "
             "previous round's policy, retrains the reward model from SFT on all rankings so far and runs PPO again "
             "(<code>make iterate</code>). RM-gold agreement: the round's reward model on held-out samples of the "
-            "policy the round starts from, and the previous round's reward model on the same samples.</p>",
-            "<table><tr><th>round</th><th>new rankings</th><th>RM-gold agreement</th><th>previous RM</th>"
+            "policy the round starts from (the share of its gold-ordered pairs it orders like gold, averaged over "
+            "prompts), the previous round's reward model on the same samples, and the round's reward model pooled "
+            "over all pairs (a prompt with n samples weighs ~n²).</p>",
+            "<table><tr><th>round</th><th>new rankings</th><th>RM-gold agreement</th><th>previous RM</th><th>pooled</th>"
             "<th>held-out gold</th>"
             f"<th>gain over SFT</th><th>KL to SFT</th></tr>{rows}</table>"]
 

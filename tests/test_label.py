@@ -164,6 +164,7 @@ def test_label_stage_end_to_end_then_rm_trains_on_it(
     # the rm stage's own measure (here that RM judging the SFT samples it already reported on).
     judged = label.run(make_config(*args, f"label.reward_model={run / 'rm'}", run_dir=tmp_path / "judged"))
     assert judged["rm_gold_agreement"] == pytest.approx(rm_metrics["eval/gold_agreement_sft_samples"])
+    assert judged["rm_gold_agreement_pooled"] == pytest.approx(rm_metrics["eval/gold_agreement_sft_samples_pooled"])
 
     # Rebuilding a human-labeled stage never drops people's rankings.
     human = make_config(*args, "label.labeler=human", run_dir=tmp_path / "human")

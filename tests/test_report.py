@@ -218,16 +218,17 @@ def test_rounds_side_by_side_in_the_report_and_make_iterates_table(
     write_stage(run_dir, "ppo", {"eval/gold_score": 0.79, "eval/gold_score_init": 0.72, "eval/kl_to_sft": 1.07}, [])
     write_stage(run_dir / "round-2", "label", {"rankings": 950, "comparisons": 4000, "rm_gold_agreement": 0.64}, [])
     write_stage(run_dir / "round-2", "rm", {"eval/gold_agreement_sft_samples": 0.86,
-                                            "eval/gold_agreement_policy_samples": 0.88}, [])
+                                            "eval/gold_agreement_policy_samples": 0.88,
+                                            "eval/gold_agreement_policy_samples_pooled": 0.66}, [])
     write_stage(run_dir / "round-2", "ppo", {"eval/gold_score": 0.87, "eval/gold_score_init": 0.72,
                                              "eval/kl_to_sft": 1.5}, [])
     write_stage(run_dir / "oracle", "ppo", {"eval/gold_score": 0.95, "eval/gold_score_init": 0.72,
                                             "eval/kl_to_sft": 2.5}, [])
     assert main(["rounds", "--config", "configs/tiny.yaml", f"run_dir={run_dir}"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["round", "1", "-", "0.8500", "-", "0.7900", "+0.0700", "1.070"]
-    assert lines[2].split() == ["round", "2", "950", "0.8800", "0.6400", "0.8700", "+0.1500", "1.500"]
-    assert lines[3].split() == ["oracle", "(gold", "reward)", "-", "-", "-", "0.9500", "+0.2300", "2.500"]
+    assert lines[1].split() == ["round", "1", "-", "0.8500", "-", "-", "0.7900", "+0.0700", "1.070"]
+    assert lines[2].split() == ["round", "2", "950", "0.8800", "0.6400", "0.6600", "0.8700", "+0.1500", "1.500"]
+    assert lines[3].split() == ["oracle", "(gold", "reward)", "-", "-", "-", "-", "0.9500", "+0.2300", "2.500"]
     page = write_report(report_config(run_dir)).read_text()
     rounds = page[page.index("<h2>RLHF rounds</h2>"):page.index("<h2>Stages</h2>")]
     assert rounds.count("<tr>") == 4 and "+0.1500" in rounds and "oracle" in rounds

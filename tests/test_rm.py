@@ -74,6 +74,7 @@ def test_ranking_metrics_by_hand() -> None:
     assert m["rank1_acc"] == pytest.approx(1 / 2)  # prompt 1's argmax has rank 1, prompt 2's does not
     assert m["rank1_chance"] == pytest.approx((1 / 4 + 1 / 2) / 2)
     assert m["gold_agreement"] == pytest.approx(5 / 6)
+    assert m["gold_agreement_per_prompt"] == pytest.approx((5 / 5 + 0 / 1) / 2)  # each prompt weighs the same
     assert m["reward_mean"] == pytest.approx(7 / 6)
 
 
@@ -139,6 +140,7 @@ def test_rm_output_loads_as_a_scalar_sequence_classifier_and_its_reward_is_norma
     cfg = make_config(f"rm.init={sft_dir}", "rm.eval_steps=3", f"rm.policy_samples={sft_dir}")
     metrics = rm.run(cfg)
     assert metrics["eval/gold_agreement_policy_samples"] == metrics["eval/gold_agreement_sft_samples"]
+    assert 0 <= metrics["eval/gold_agreement_sft_samples_pooled"] <= 1  # and over all pairs, the pooled number
     out = cfg.stage_dir("rm")
     summary = json.loads((out / "summary.json").read_text())
     for key in ("eval/pairwise_acc", "eval/rank1_acc", "eval/rank1_chance", "eval/gold_agreement", "eval/loss",

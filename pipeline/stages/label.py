@@ -93,8 +93,8 @@ def run(cfg: Config) -> dict[str, Any]:
         rankings, ranked = _gold_label(items, lab, seed)
         write_jsonl(final / "rankings.jsonl", rankings)
         metrics.update(ranked)
-    if agreement is not None:
-        metrics["rm_gold_agreement"] = agreement
+    if agreement is not None:  # per prompt (the headline), and pooled over all pairs
+        metrics["rm_gold_agreement"], metrics["rm_gold_agreement_pooled"] = agreement
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, policy=policy, prompts=source)
     out.commit(summary)
     log.info("label: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -108,7 +108,7 @@ def run(cfg: Config) -> dict[str, Any]:
     return metrics
 
 
-def _judge_agreement(reward_model: str, policy_dir: Path, state: PartialState) -> float | None:
+def _judge_agreement(reward_model: str, policy_dir: Path, state: PartialState) -> tuple[float, float] | None:
     """How well the reward model that judged this policy orders its held-out samples like the gold reward (the
     rm stage's own measure, on the policy dir's samples.jsonl): low means the policy outran its reward model."""
     model, tokenizer = load_reward_model(reward_model)

@@ -154,8 +154,9 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
     for name, policy_dir in (("sft", init), ("policy", r.policy_samples)):
         agreement = (samples_agreement(trainer.score, trainer.processing_class, Path(policy_dir), r.max_length)
                      if policy_dir and gold is not None else None)
-        if agreement is not None:
-            metrics[f"eval/gold_agreement_{name}_samples"] = agreement
+        if agreement is not None:  # per prompt (the headline), and pooled over all pairs
+            metrics[f"eval/gold_agreement_{name}_samples"] = agreement[0]
+            metrics[f"eval/gold_agreement_{name}_samples_pooled"] = agreement[1]
     metrics.update({f"{k}_init": v for k, v in baseline.items()})
     summary = build_summary(STAGE, to_dict(cfg), metrics, started, init=init, resumed_from=resume_from,
                             normalization=normalization)
