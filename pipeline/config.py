@@ -341,8 +341,8 @@ class RMConfig(TrainConfig):
     )
     policy_samples: str | None = _f(
         None, help="A finished policy stage directory (e.g. the last round's ppo output) whose held-out samples "
-        "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples. The SFT "
-        "samples of rm.init are always checked (eval/gold_agreement_sft_samples).",
+        "(samples.jsonl, with gold scores) the RM is checked on: eval/gold_agreement_policy_samples (per prompt; "
+        "_pooled: over all pairs). The SFT samples of rm.init are always checked (eval/gold_agreement_sft_samples).",
     )
     lora: LoRAConfig = _f(factory=LoRAConfig, help="LoRA / QLoRA adapter (lora.r > 0); the scalar head trains in full.")
 
@@ -501,7 +501,8 @@ class LabelConfig:
                           ge=0)
     reward_model: str | None = _f(
         None, help="The reward model that judged this policy (e.g. the last round's rm output): its gold agreement "
-        "on the policy's held-out samples (the policy dir's samples.jsonl) is reported as rm_gold_agreement, the "
+        "on the policy's held-out samples (the policy dir's samples.jsonl) is reported as rm_gold_agreement (per "
+        "prompt; rm_gold_agreement_pooled: over all pairs), the "
         "number a new round of labels should raise (make iterate sets it); null = not measured.",
     )
     labeler: Literal["gold", "human"] = _f(
