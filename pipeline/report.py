@@ -359,7 +359,6 @@ class Round:
     kl: float | None  # its held-out KL to SFT (nats per completion)
     rm_agreement_pooled: float | None = None  # rm_agreement pooled over all pairs instead of per prompt
 
-
     @property
     def gain(self) -> float | None:
         return None if self.gold is None or self.gold_init is None else self.gold - self.gold_init
