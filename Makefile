@@ -170,7 +170,7 @@ CHAT_ARGS ?=
 chat: $(STAMP)  ## talk to a finished stage's policy in the terminal (CHAT_STAGE=ppo|sft|pretrain, DIR=..., CHAT_ARGS=...)
 	@$(PY) -m pipeline chat $(DIR) $(CHAT_ARGS)
 
-test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (~16 minutes on 2 idle cores)
+test: $(STAMP)  ## the test suite, including the real tiny pretrain → sft chain (~15 minutes on 2 idle cores)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)  ## every test, the slow end-to-end ones included
