@@ -106,9 +106,11 @@ ptx-ablation: $(ABLATION)/ppo/summary.json  ## PPO-ptx (make ppo) vs plain PPO (
 # `ppo` runs again against it: from round r-1's policy (ROUND_FROM=last, the default: on the tiny task it ends
 # higher on held-out gold than a restart, README), or from SFT (ROUND_FROM=sft, InstructGPT), KL-anchored to SFT
 # either way. Same DAG: a second `make iterate` does nothing, a killed round resumes, and ARGS apply to every
-# round (e.g. ARGS="label.noise=0.27").
+# round (e.g. ARGS="label.noise=0.27"); ROUND_ARGS to rounds 2.. only (e.g. ROUND_ARGS="rm.epochs=6": a round's
+# reward model trains on more rankings than round 1's, README), after ARGS.
 ROUNDS ?= 2
 ROUND_FROM ?= last
+ROUND_ARGS ?=
 ROUND_LIST := $(shell seq 2 $(ROUNDS) 2>/dev/null)
 comma := ,
 empty :=
@@ -124,16 +126,16 @@ round_args = run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))
 
 define ROUND
 $(call round_dir,$(1))/.stamps/%.json: FORCE $(STAMP)
-	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/label/summary.json: $(call round_prev,$(1))/ppo/summary.json $(call round_dir,$(1))/.stamps/label.json pipeline/stages/label.py pipeline/labeling.py
-	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/rm/summary.json: $(RUN)/sft/summary.json $(call round_dir,$(1))/label/summary.json $(call round_dir,$(1))/.stamps/rm.json pipeline/stages/rm.py pipeline/ranking.py
-	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/ppo/summary.json: $(call round_dir,$(1))/rm/summary.json $(call round_dir,$(1))/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
-	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
 endef
 $(foreach r,$(ROUND_LIST),$(eval $(call ROUND,$(r))))
 
