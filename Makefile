@@ -106,8 +106,8 @@ ptx-ablation: $(ABLATION)/ppo/summary.json  ## PPO-ptx (make ppo) vs plain PPO (
 # `ppo` runs again against it: from round r-1's policy (ROUND_FROM=last, the default: on the tiny task it ends
 # higher on held-out gold than a restart, README), or from SFT (ROUND_FROM=sft, InstructGPT), KL-anchored to SFT
 # either way. Same DAG: a second `make iterate` does nothing, a killed round resumes, and ARGS apply to every
-# round (e.g. ARGS="label.noise=0.27"); ROUND_ARGS to rounds 2.. only (e.g. ROUND_ARGS="rm.epochs=6": a round's
-# reward model trains on more rankings than round 1's, README), after ARGS.
+# round (e.g. ARGS="label.noise=0.27"); a profile's rounds.overrides (configs/tiny.yaml: rm.epochs=6) and ROUND_ARGS
+# to rounds 2.. only, in that order, under and over ARGS (e.g. ROUND_ARGS="rm.lr=3e-4").
 ROUNDS ?= 2
 ROUND_FROM ?= last
 ROUND_ARGS ?=
@@ -118,7 +118,7 @@ space := $(empty) $(empty)
 round_dir = $(RUN)/round-$(1)
 round_prev = $(if $(filter 2,$(1)),$(RUN),$(RUN)/round-$(shell expr $(1) - 1))
 round_labels = $(subst $(space),$(comma),$(strip $(foreach r,$(shell seq 2 $(1)),$(RUN)/round-$(r)/label/rankings.jsonl)))
-round_args = run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo \
+round_args = round=$(1) run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo \
 	label.reward_model=$(call round_prev,$(1))/rm rm.init=$(RUN)/sft \
 	rm.extra_train=[$(call round_labels,$(1))] rm.policy_samples=$(call round_prev,$(1))/ppo \
 	ppo.init=$(if $(filter last,$(ROUND_FROM)),$(call round_prev,$(1))/ppo,$(RUN)/sft) ppo.reference=$(RUN)/sft \

@@ -13,6 +13,7 @@ the keys one stage reads with their values in the chosen profile.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -520,6 +521,17 @@ class LabelConfig:
 
 
 @dataclass(kw_only=True)
+class RoundsConfig:
+    """RLHF rounds 2.. (`make iterate`, runs/<profile>/round-<r>/): what a profile changes for them."""
+
+    overrides: list[str] = _f(
+        factory=list, help="dotted.key=value settings for the runs of rounds 2.. only (round >= 2), applied over "
+        "the profile and under the command line, e.g. [rm.epochs=6]: a round's reward model fits its policy's "
+        "rankings better with more passes than round 1's (README, RLHF rounds).",
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole pipeline profile."""
 
@@ -546,6 +558,11 @@ class Config:
     rm: RMConfig = _f(help="Stage 3: reward model.")
     ppo: PPOConfig = _f(help="Stage 4: PPO-ptx against the reward model.")
     label: LabelConfig = _f(factory=LabelConfig, help="Ranking the policy's own samples (gold or people).")
+    round: int = _f(
+        1, help="The RLHF round this run belongs to: 1 = the chain (pretrain, sft, rm, ppo); make iterate sets "
+        "2, 3, ... for runs/<profile>/round-<r>/, which take rounds.overrides.", ge=1,
+    )
+    rounds: RoundsConfig = _f(factory=RoundsConfig, help="Settings of RLHF rounds 2.. (make iterate).")
 
     def __post_init__(self) -> None:
         for name in self.datasets:
@@ -597,6 +614,10 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "label": ("profile", "seed", "run_dir", "gold_reward", "chat_prompts", "datasets", "ppo.data.train",
               "model.trust_remote_code"),
 }
+
+
+# The keys load_config itself consumes (a later round's run takes rounds.overrides): no stage reads them.
+LOAD_KEYS = ("round", "rounds")
 
 
 def stage_key(cfg: Config, stage: str) -> dict[str, Any]:
@@ -726,17 +747,52 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = _with_includes(_read_mapping(path), path)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
+    cli = [_split_override(item, f"override {item!r}") for item in overrides]
+    # A later round's run takes the profile's rounds.overrides, under the command line's own settings. Which
+    # round, and those overrides, may themselves come from the command line, so look at the merged result first.
+    merged = copy.deepcopy(raw)
+    for key, value in cli:
+        _set_dotted(merged, key, value)
+    from_rounds = _round_overrides(merged.get("rounds"), path) if _is_later_round(merged.get("round", 1)) else []
+    for key, value in (*from_rounds, *cli):
+        _set_dotted(raw, key, value)
     raw.setdefault("profile", path.stem)
-    cfg = build(Config, raw)
+    try:
+        cfg = build(Config, raw)
+    except ConfigError as e:
+        if any(f"'{key}" in str(e) for key, _ in from_rounds):
+            raise ConfigError(f"{path}: rounds.overrides: {e}") from None
+        raise
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{cfg.profile}"
     check_data_keys(cfg)
     return cfg
+
+
+def _split_override(item: Any, where: str) -> tuple[str, Any]:
+    """`dotted.key=value` -> (key, parsed value), or one error naming where the item came from."""
+    key, sep, value = str(item).partition("=") if isinstance(item, str) else ("", "", "")
+    if not sep or not key.strip():
+        raise ConfigError(f"{where} is not of the form dotted.key=value")
+    return key.strip(), _parse_scalar(value)
+
+
+def _is_later_round(value: Any) -> bool:
+    # A malformed round is left for build() to report with its key name; here it only decides nothing.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2
+
+
+def _round_overrides(rounds: Any, path: Path) -> list[tuple[str, Any]]:
+    """The profile's rounds.overrides as (key, value) pairs, each checked to be a plain setting."""
+    items = rounds.get("overrides", []) if isinstance(rounds, dict) else []
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: rounds.overrides must be a list of dotted.key=value strings, got {items!r}")
+    pairs = [_split_override(item, f"{path}: rounds.overrides[{i}] ({item!r})") for i, item in enumerate(items)]
+    for i, (key, _) in enumerate(pairs):
+        if key.split(".")[0] in ("round", "rounds", "run_dir", "profile"):
+            raise ConfigError(f"{path}: rounds.overrides[{i}] sets '{key}', which decides what a round is or where "
+                              "it goes; make iterate sets it")
+    return pairs
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

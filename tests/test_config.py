@@ -79,6 +79,38 @@ def test_overrides_parse_like_yaml_and_win_over_the_file() -> None:
     assert cfg.tracking.wandb is False
 
 
+def test_round_overrides_apply_to_later_rounds_only_and_under_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"include: [{ROOT / 'configs/tiny.yaml'}]\nrounds: {{overrides: [rm.epochs=7, 'ppo.lr=3e-5']}}\n")
+    first, second = load_config(path), load_config(path, ["round=2"])
+    assert (first.rm.epochs, first.ppo.lr) == (3, pytest.approx(1e-4))  # round 1 is the plain chain
+    assert (second.rm.epochs, second.ppo.lr) == (7, pytest.approx(3e-5))
+    assert load_config(path, ["rm.epochs=4", "round=3"]).rm.epochs == 4  # the command line wins, in any order
+    assert load_config(path, ["round=2", "rounds.overrides=[]"]).rm.epochs == 3
+    # a round's rm is rebuilt when the override changes, round 1's is not
+    assert stage_key(first, "rm") != stage_key(second, "rm")
+    assert stage_key(first, "rm") == stage_key(load_config(path, ["rounds.overrides=[rm.epochs=9]"]), "rm")
+    assert load_config(ROOT / "configs/tiny.yaml", ["round=2"]).rm.epochs == 6  # the shipped tiny profile's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ("[rm.epoch=6]", r"p.yaml: rounds.overrides: unknown config key 'rm.epoch'; did you mean 'rm.epochs'"),
+        ("[oops]", r"p.yaml: rounds.overrides\[0\] \('oops'\) is not of the form dotted.key=value"),
+        ("[rm.epochs=6, round=3]", r"rounds.overrides\[1\] sets 'round'"),
+        ("[rm.epochs=6, run_dir=x]", r"rounds.overrides\[1\] sets 'run_dir'"),
+        ("rm.epochs=6", r"rounds.overrides must be a list"),
+    ],
+)
+def test_bad_round_overrides_name_the_entry(tmp_path: Path, overrides: str, message: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"include: [{ROOT / 'configs/tiny.yaml'}]\nrounds: {{overrides: {overrides}}}\n")
+    load_config(path)  # round 1 never reads them
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, ["round=2"])
+
+
 def test_stage_key_isolates_what_shapes_each_stage() -> None:
     base = load_config(ROOT / "configs/tiny.yaml")
     changed = load_config(ROOT / "configs/tiny.yaml", ["sft.lr=1e-4"])
