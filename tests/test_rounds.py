@@ -35,8 +35,8 @@ def test_round_two_beats_round_one_on_gold_and_its_reward_model_judges_round_one
     for stage in ("pretrain", "sft", "rm", "ppo"):  # round 1: the chain
         assert main([stage, *cfg, f"run_dir={run}", *SHORT]) == 0
     round2 = run / "round-2"
-    round_args = [  # the Makefile's round_args for round 2 (ROUND_FROM=last)
-        f"run_dir={round2}", f"label.policy={run / 'ppo'}", f"label.reward_model={run / 'rm'}",
+    round_args = [  # the Makefile's round_args for round 2 (ROUND_FROM=last); SHORT's rm.epochs beats rounds.overrides
+        "round=2", f"run_dir={round2}", f"label.policy={run / 'ppo'}", f"label.reward_model={run / 'rm'}",
         f"rm.init={run / 'sft'}", f"rm.extra_train=[{round2 / 'label' / 'rankings.jsonl'}]",
         f"rm.policy_samples={run / 'ppo'}", f"ppo.init={run / 'ppo'}", f"ppo.reference={run / 'sft'}",
         f"ppo.reward_model={round2 / 'rm'}",
