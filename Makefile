@@ -118,7 +118,7 @@ space := $(empty) $(empty)
 round_dir = $(RUN)/round-$(1)
 round_prev = $(if $(filter 2,$(1)),$(RUN),$(RUN)/round-$(shell expr $(1) - 1))
 round_labels = $(subst $(space),$(comma),$(strip $(foreach r,$(shell seq 2 $(1)),$(RUN)/round-$(r)/label/rankings.jsonl)))
-round_args = round=$(1) run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo \
+round_args = $(ROUND_ARGS) round=$(1) run_dir=$(call round_dir,$(1)) label.policy=$(call round_prev,$(1))/ppo \
 	label.reward_model=$(call round_prev,$(1))/rm rm.init=$(RUN)/sft \
 	rm.extra_train=[$(call round_labels,$(1))] rm.policy_samples=$(call round_prev,$(1))/ppo \
 	ppo.init=$(if $(filter last,$(ROUND_FROM)),$(call round_prev,$(1))/ppo,$(RUN)/sft) ppo.reference=$(RUN)/sft \
@@ -126,16 +126,16 @@ round_args = round=$(1) run_dir=$(call round_dir,$(1)) label.policy=$(call round
 
 define ROUND
 $(call round_dir,$(1))/.stamps/%.json: FORCE $(STAMP)
-	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
+	@$(PY) -m pipeline stamp --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/label/summary.json: $(call round_prev,$(1))/ppo/summary.json $(call round_dir,$(1))/.stamps/label.json pipeline/stages/label.py pipeline/labeling.py
-	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline label --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/rm/summary.json: $(RUN)/sft/summary.json $(call round_dir,$(1))/label/summary.json $(call round_dir,$(1))/.stamps/rm.json pipeline/stages/rm.py pipeline/ranking.py
-	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline rm --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 
 $(call round_dir,$(1))/ppo/summary.json: $(call round_dir,$(1))/rm/summary.json $(call round_dir,$(1))/.stamps/ppo.json pipeline/stages/ppo.py pipeline/rollout.py
-	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) $(ROUND_ARGS) $(call round_args,$(1))
+	$(LAUNCH) pipeline ppo --config $(CONFIG) $(ARGS) $(call round_args,$(1))
 endef
 $(foreach r,$(ROUND_LIST),$(eval $(call ROUND,$(r))))
 

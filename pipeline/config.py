@@ -771,7 +771,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def _split_override(item: Any, where: str) -> tuple[str, Any]:
     """`dotted.key=value` -> (key, parsed value), or one error naming where the item came from."""
-    key, sep, value = str(item).partition("=") if isinstance(item, str) else ("", "", "")
+    key, sep, value = item.partition("=") if isinstance(item, str) else ("", "", "")
     if not sep or not key.strip():
         raise ConfigError(f"{where} is not of the form dotted.key=value")
     return key.strip(), _parse_scalar(value)
