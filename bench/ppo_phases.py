@@ -5,7 +5,9 @@ around the functions of each phase, and prints a markdown table (docs/performanc
         ppo.init=runs/tiny/sft ppo.reward_model=runs/tiny/rm ppo.iterations=10 tracking.wandb=false run_dir=/tmp/x
 
 (any `ppo` stage arguments). Times are CPU seconds of this process (`time.process_time`), so a CPU shared with
-other work slows the wall clock but barely these numbers; the wall time is printed too. Each phase counts its
+other work slows the wall clock but barely these numbers; the wall time is printed too. `--wall` (first argument)
+times wall-clock seconds instead (`time.perf_counter`): the split of a run on several torch threads, as the
+bench runs it, where CPU seconds add up the threads. Each phase counts its
 own time, not that of a timed phase inside it (a stack of timers). The hooks name functions that exist in the
 pipeline before and after issue 16's changes and the causal LM class of the tiny profile (GPT-2): run it in
 the checkout being measured. Inside the update, the ptx batch's forward is the causal LM call without an
@@ -65,6 +67,9 @@ def _phase(context: str, call: str, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+CLOCK = time.process_time  # `--wall`: time.perf_counter
+
+
 def timed(call: str, fn: Any, context: str | None = None) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         outer = stack[-1][0] if stack else "loop"
@@ -75,13 +80,13 @@ def timed(call: str, fn: Any, context: str | None = None) -> Any:
                      call) or _phase(outer, call, kwargs)
         if phase is None:
             return fn(*args, **kwargs)
-        frame = [context or call, phase, time.process_time(), 0.0]
+        frame = [context or call, phase, CLOCK(), 0.0]
         stack.append(frame)
         try:
             return fn(*args, **kwargs)
         finally:
             stack.pop()
-            elapsed = time.process_time() - frame[2]
+            elapsed = CLOCK() - frame[2]
             if stack:
                 stack[-1][3] += elapsed
             calls.append((phase, frame[2], frame[2] + elapsed, elapsed - frame[3]))
@@ -118,17 +123,20 @@ def report(iterations: int, wall: float) -> None:
         if first <= start and end <= last:
             own[phase] += t
     own[ORDER[13]] = loop - sum(own[p] for p in ORDER[:13])
-    print("| phase | CPU s / iteration | % |\n|---|---:|---:|")
+    unit = "CPU s" if CLOCK is time.process_time else "wall s"
+    print(f"| phase | {unit} / iteration | % |\n|---|---:|---:|")
     for phase in ORDER:
         if own[phase] > 0.0005 * iterations:
             print(f"| {phase} | {own[phase] / iterations:.3f} | {100 * own[phase] / loop:.1f} |")
     print(f"| **iteration** | **{loop / iterations:.3f}** | 100 |")
-    print(f"\n{iterations} iterations: {loop:.1f} CPU s in the loop; the whole command {time.process_time():.1f} "
+    print(f"\n{iterations} iterations: {loop:.1f} {unit} in the loop; the whole command {time.process_time():.1f} "
           f"CPU s, {wall:.1f} s wall")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--wall"]:
+        CLOCK, args = time.perf_counter, args[1:]
     iterations = next((int(a.split("=", 1)[1]) for a in args if a.startswith("ppo.iterations=")), None)
     if iterations is None:
         sys.exit("give ppo.iterations=N")

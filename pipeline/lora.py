@@ -250,6 +250,12 @@ class AdapterView:
     def get_input_embeddings(self) -> torch.nn.Module:
         return self._shared.base.get_input_embeddings()
 
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        return self._shared.base.get_output_embeddings()
+
+    def get_base_model(self) -> torch.nn.Module:  # the transformers model `generate` runs (its forward hooks)
+        return self._shared.base.get_base_model()
+
     # Train/eval mode is the shared module's: every role of the base switches together.
     @property
     def training(self) -> bool:
@@ -296,10 +302,12 @@ class SharedBase(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 ptx_input_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """What `pipeline.rollout.PolicyAndValue` returns: policy logits (the last `logits_to_keep` positions; 0:
-        all), values, ptx logits; one module for `accelerator.prepare`, so one backward syncs both trained adapters."""
-        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
+                logits_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `pipeline.rollout.PolicyAndValue` returns: policy logits (the last `logits_to_keep` positions, or at
+        the flat positions `logits_index`; neither: all), values, ptx logits; one module for `accelerator.prepare`,
+        so one backward syncs both trained adapters."""
+        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep,
+                                  logits_index)
         values = self.value_model.token_scores(input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_input_ids is not None:

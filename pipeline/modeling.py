@@ -392,14 +392,48 @@ def token_scores(
 
 
 def causal_lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """[B, keep, V] a causal LM's logits at the last `keep` positions only: the LM head and everything after it
-    (log-softmax over the vocabulary, its backward) skip the prompt, which PPO never scores. `logits_to_keep` is
-    transformers' own argument (generation uses it); a model that ignores it returns every position, cut here.
-    `keep` = 0 keeps every position."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=keep).logits
+                     position_ids: torch.Tensor, keep: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
+    """A causal LM's logits where PPO reads them, and nowhere else: the LM head and everything after it
+    (log-softmax over the vocabulary, its backward) skip the positions PPO never scores, the prompt first.
+
+    `keep` > 0: [B, keep, V] at the last `keep` positions (transformers' own `logits_to_keep`, which generation
+    uses; a model that ignores it returns every position, cut here). `index`: [*index.shape, V] at the flattened
+    positions `index` of [B, T] (packed rows, `pipeline.packing`): the hidden states are gathered right before
+    the output embedding (a pre-hook), so whatever the model applies after it (a logit scale or soft-cap) still
+    applies. Neither: every position."""
+    head = _output_head(model) if index is not None else None
+    if index is not None and head is None:  # a wrapper that hides its head: every position, then gathered
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        return logits.reshape(-1, logits.shape[-1])[index]
+    handle = None
+    if head is not None:
+        def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[index], *args[1:])
+
+        handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=keep).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if index is not None:
+        if logits.shape[:-1] != index.shape:
+            raise RuntimeError(f"{type(model).__name__} reshaped its logits after the output embedding "
+                               f"({tuple(logits.shape)} for positions {tuple(index.shape)})")
+        return logits
     return logits[:, -keep:]
+
+
+def _output_head(model: Any) -> torch.nn.Module | None:
+    """The module that maps hidden states to logits (GPT-2's `lm_head`), through DeepSpeed / DDP wrappers."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def check_same_tokenizer(

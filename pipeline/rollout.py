@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import distributed, rlhf
 from pipeline.config import PPOConfig
@@ -44,9 +44,11 @@ class PolicyAndValue(torch.nn.Module):
         position_ids: torch.Tensor,
         ptx_input_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Policy logits at the last `logits_to_keep` positions (0: all), values at every position, ptx logits."""
-        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
+        """Policy logits at the last `logits_to_keep` positions or at the flat positions `logits_index` (neither:
+        all), values at every position, ptx logits."""
+        logits = causal_lm_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep, logits_index)
         values = token_scores(self.value_model, input_ids, attention_mask, position_ids)
         ptx_logits = None
         if ptx_input_ids is not None:
@@ -139,8 +141,10 @@ def generate_rollout(
 
     Sampling runs in eval mode with the KV cache, `chunk_size` prompts per `generate` (all at once by
     default), chunk k seeded with `seed[k]`; the policy's ZeRO-3 shards are gathered once for all chunks
-    unless `ppo.gather_for_generation` is off. The log-probs are then recomputed by a plain forward (the
-    numbers PPO's ratio compares against), at the sampling temperature (`score_rollout`).
+    unless `ppo.gather_for_generation` is off. The policy's log-probs of the sampled tokens (the numbers PPO's
+    ratio compares against, at the sampling temperature) are read from the logits `generate` computes anyway
+    (`SampledLogprobs`), as TRL's PPO trainer did: no second policy forward over the completions. The
+    reference, value and reward models then score the batch (`score_rollout`).
     """
     accelerator, tokenizer = models.accelerator, models.tokenizer
     unwrapped = accelerator.unwrap_model(models.model)
@@ -157,18 +161,23 @@ def generate_rollout(
             enc = encode_prompts(tokenizer, [t for t, _ in prompts[start : start + chunk_size]],
                                  p.max_prompt_length, device)
             torch.manual_seed(seeds[k])  # the sampling noise of this chunk, whatever ran before (resume is exact)
-            sequences = gathered.policy.generate(
-                **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            pieces.append((enc["input_ids"], enc["attention_mask"], sequences[:, enc["input_ids"].shape[1] :]))
+            recorder = SampledLogprobs(gathered.policy, p.temperature)
+            try:
+                sequences = gathered.policy.generate(
+                    **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                    max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
+                )
+            finally:
+                recorder.remove()
+            completions = sequences[:, enc["input_ids"].shape[1] :]
+            pieces.append((enc["input_ids"], enc["attention_mask"], completions, recorder.logprobs(completions)))
     unwrapped.train(was_training)
-    query_responses, attention_mask, position_ids, context, mask, ended = _assemble(pieces, tokenizer.pad_token_id,
-                                                                                  tokenizer.eos_token_id)
+    query_responses, attention_mask, position_ids, context, mask, ended, logprobs = _assemble(
+        pieces, tokenizer.pad_token_id, tokenizer.eos_token_id)
     responses = query_responses[:, context:]
-    logprobs, ref_logprobs, values, scores = score_rollout(models, query_responses, attention_mask, position_ids,
-                                                           context, mask, p, with_values)
+    ref_logprobs, values, scores = score_rollout(models, query_responses, attention_mask, position_ids, context,
+                                                 mask, p, with_values)
     # One host transfer for the whole batch, not one per completion.
     lengths = mask.sum(1).long().tolist()
     completions = tokenizer.batch_decode([row[:n] for row, n in zip(responses.tolist(), lengths, strict=True)],
@@ -195,48 +204,96 @@ def generate_rollout(
     )
 
 
-def _assemble(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, eos_id: int,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """The sampled chunks as one batch: (query_responses, attention_mask, position_ids, P, mask, ended).
+def _assemble(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, eos_id: int,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled chunks (prompt ids, prompt mask, completions, their log-probs) as one batch: (query_responses,
+    attention_mask, position_ids, P, mask, ended, log-probs, 0 after each completion's end).
 
     Prompts are left-padded to one width P, completions right-padded to R = the longest completion of the batch
     (EOS included), not `max_new_tokens`: columns after every completion's end would only be padding that every
     forward and loss masks out. R differs between iterations and processes; nothing gathers rollout tensors.
     """
-    context = max(q.shape[1] for q, _, _ in pieces)
-    width = max(r.shape[1] for _, _, r in pieces)
-    queries = torch.cat([_left_pad(q, context, pad_id) for q, _, _ in pieces])
-    query_masks = torch.cat([_left_pad(qm, context, 0) for _, qm, _ in pieces])
-    responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=pad_id) for _, _, r in pieces])
+    context = max(q.shape[1] for q, _, _, _ in pieces)
+    width = max(r.shape[1] for _, _, r, _ in pieces)
+    queries = torch.cat([_left_pad(q, context, pad_id) for q, _, _, _ in pieces])
+    query_masks = torch.cat([_left_pad(qm, context, 0) for _, qm, _, _ in pieces])
+    responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=pad_id) for _, _, r, _ in pieces])
+    logprobs = torch.cat([F.pad(lp, (0, width - lp.shape[1])) for _, _, _, lp in pieces])
     mask, ended = rlhf.completion_mask(responses, eos_id)
     longest = int(mask.sum(1).max())
-    responses, mask = responses[:, :longest], mask[:, :longest]
+    responses, mask, logprobs = responses[:, :longest], mask[:, :longest], logprobs[:, :longest]
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_masks, mask.long()], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return query_responses, attention_mask, position_ids, context, mask, ended
+    return query_responses, attention_mask, position_ids, context, mask, ended, logprobs * mask
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The log-probs of the tokens `generate` samples, at the sampling temperature, read from the logits it
+    computes to sample them: PPO's old log-probs without a second policy forward over the completions.
+
+    A forward hook on the model keeps the log-softmax of each step's last-position logits (the model's own
+    output, before any logits processor: a checkpoint's repetition penalty, top-k or top-p change what is
+    sampled, not the policy's distribution PPO's ratio is about). Called as the last logits processor of the
+    next step, it reads the previous step's at the token sampled from it (the last column of `input_ids`);
+    the last token's is read by `logprobs` after `generate` returns. One step's [B, V] is held at a time.
+    The cached decoding differs from a full forward in the last bits only (float32; more under bf16)."""
+
+    def __init__(self, policy: Any, temperature: float):
+        model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft: the HF model
+        self.temperature = temperature
+        self._latest: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+        self._handle = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, _module: torch.nn.Module, _args: Any, output: Any) -> None:
+        logits = output.logits[:, -1].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        self._latest = torch.log_softmax(logits, dim=-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._steps.append(self._pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._pending, self._latest = self._latest, None
+        return scores
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def logprobs(self, completions: torch.Tensor) -> torch.Tensor:
+        """[B, n] the log-probs of `completions` ([B, n], what `generate` returned after the prompt)."""
+        n = completions.shape[1]
+        if len(self._steps) < n:  # the last sampled token (generate may also run steps it then undoes)
+            self._steps.append(self._pending.gather(1, completions[:, len(self._steps) : len(self._steps) + 1])
+                               .squeeze(1))
+        if len(self._steps) < n:
+            raise RuntimeError(f"generate sampled {n} tokens but its logits were seen for {len(self._steps)}")
+        return torch.stack(self._steps[:n], dim=1) if n else completions.new_zeros(completions.shape, dtype=torch.float)
 
 
 @torch.no_grad()
 def score_rollout(
     models: Models, query_responses: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
     context: int, mask: torch.Tensor, p: PPOConfig, with_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([B, R] policy log-probs, [B, R] reference log-probs, [B, R] values, [B] reward-model scores) of sampled
-    completions, without gradients; every [B, R] tensor is 0 after each completion's end.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([B, R] reference log-probs, [B, R] values, [B] reward-model scores) of sampled completions, without
+    gradients; every [B, R] tensor is 0 after each completion's end. (The policy's own log-probs come from
+    sampling: `SampledLogprobs`.)
 
     Forwards run on `ppo.minibatch_size` rows at a time (bounding the memory), each on `token_window` of its
-    rows only, and the causal LMs compute logits for the completion positions only (`causal_lm_logits`): the
+    rows only, and the reference computes logits for the completion positions only (`causal_lm_logits`): the
     numbers of the real tokens are those of a forward over the whole padded batch.
     """
     unwrapped = models.accelerator.unwrap_model(models.model)
-    policy, ref_policy = unwrapped.policy, models.ref_policy
+    ref_policy = models.ref_policy
     reward_model = distributed.inner(models.reward_model)
     B, R = mask.shape
     was_training = unwrapped.training
     unwrapped.eval()
-    pack = all(can_pack(distributed.inner(m)) for m in (policy, ref_policy, unwrapped.value_model, reward_model))
-    logprobs, ref_logprobs, values, scores = [], [], [], []
+    pack = all(can_pack(distributed.inner(m)) for m in (ref_policy, unwrapped.value_model, reward_model))
+    ref_logprobs, values, scores = [], [], []
     for i in range(0, B, p.minibatch_size):
         start, end = token_window(attention_mask[i : i + p.minibatch_size], mask[i : i + p.minibatch_size], context)
         rows = slice(i, i + p.minibatch_size)
@@ -245,26 +302,22 @@ def score_rollout(
         if pack:  # no padding at all: the rows' tokens side by side in fewer rows (see `pack_rows`)
             packed = pack_rows(ids, att, pos, ctx, n)
             ids_p, att_p, pos_p = packed.input_ids, packed.attention_mask, packed.position_ids
-            logits = packed.unpack(causal_lm_logits(policy, ids_p, att_p, pos_p))
-            ref_logits = packed.unpack(causal_lm_logits(ref_policy, ids_p, att_p, pos_p))
+            ref_logits = causal_lm_logits(ref_policy, ids_p, att_p, pos_p, index=packed.index)
             value = packed.unpack(token_scores(unwrapped.value_model, ids_p, att_p, pos_p)) if with_values else None
             scores.append(token_scores(reward_model, ids_p, att_p, pos_p).reshape(-1)[packed.last])
         else:
-            logits = causal_lm_logits(policy, ids, att, pos, keep=n + 1)[:, :-1]
             ref_logits = causal_lm_logits(ref_policy, ids, att, pos, keep=n + 1)[:, :-1]
             value = token_scores(unwrapped.value_model, ids, att, pos)[:, ctx - 1 : -1] if with_values else None
             rm = token_scores(reward_model, ids, att, pos)
             last = ctx + rlhf.last_token_index(mask[rows, :n])
             scores.append(rm[torch.arange(len(ids), device=rm.device), last])
-        completion = ids[:, ctx:]
-        logprobs.append(F.pad(_logprobs_at(logits, completion, p.temperature), (0, R - n)))
-        ref_logprobs.append(F.pad(_logprobs_at(ref_logits, completion, p.temperature), (0, R - n)))
+        ref_logprobs.append(F.pad(_logprobs_at(ref_logits, ids[:, ctx:], p.temperature), (0, R - n)))
         if value is not None:
             values.append(F.pad(value, (0, R - n)))
     unwrapped.train(was_training)
-    logprobs_t = torch.cat(logprobs) * mask
-    values_t = torch.cat(values) * mask if with_values else torch.zeros_like(logprobs_t)
-    return logprobs_t, torch.cat(ref_logprobs) * mask, values_t, torch.cat(scores)
+    ref_logprobs_t = torch.cat(ref_logprobs) * mask
+    values_t = torch.cat(values) * mask if with_values else torch.zeros_like(ref_logprobs_t)
+    return ref_logprobs_t, values_t, torch.cat(scores)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,

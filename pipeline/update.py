@@ -72,8 +72,8 @@ def ppo_update(
                 packed = pack_rows(ids, att, pos, ctx, n)
                 with accelerator.autocast():
                     logits, values, ptx_logits = model(packed.input_ids, packed.attention_mask, packed.position_ids,
-                                                       ptx_ids)
-                logits, values = packed.unpack(logits), packed.unpack(values)
+                                                       ptx_ids, logits_index=packed.index)
+                values = packed.unpack(values)
             else:
                 with accelerator.autocast():
                     logits, values, ptx_logits = model(ids, att, pos, ptx_ids, logits_to_keep=n + 1)

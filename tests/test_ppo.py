@@ -21,7 +21,7 @@ from transformers import (
 from pipeline import packing, rlhf, rollout
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.modeling import load_stage_model, token_scores
+from pipeline.modeling import causal_lm_logits, load_stage_model, token_scores
 from pipeline.stages import ppo
 from tests.conftest import run_group
 
@@ -92,17 +92,17 @@ def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_
     p = load_config("configs/tiny.yaml", ["ppo.minibatch_size=1", "ppo.rollout_batch_size=2"]).ppo
     p.minibatch_size, p.temperature = 2, 0.7
     models = rollout.Models(Accelerator(cpu=True), rollout.PolicyAndValue(policy, value).eval(), ref, reward, None)
-    logprobs, ref_logprobs, values, scores = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
+    ref_logprobs, values, scores = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
     with torch.no_grad():
-        expected_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
-                                                       position_ids=positions).logits, ids, context, 0.7) * mask
+        expected_lp = rollout.response_logprobs(ref(input_ids=ids, attention_mask=attention,
+                                                    position_ids=positions).logits, ids, context, 0.7) * mask
         expected_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1] * mask
         rm = token_scores(reward, ids, attention, positions)
     expected_scores = rm[torch.arange(3), context + rlhf.last_token_index(mask)]
-    assert logprobs.shape == values.shape == mask.shape == (3, 7)
-    assert torch.allclose(logprobs, expected_lp, atol=1e-5) and torch.allclose(ref_logprobs, expected_lp, atol=1e-5)
+    assert ref_logprobs.shape == values.shape == mask.shape == (3, 7)
+    assert torch.allclose(ref_logprobs, expected_lp, atol=1e-5)
     assert torch.allclose(values, expected_v, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-5)
-    assert logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
+    assert ref_logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
 
 
 def test_packed_rows_give_each_token_the_numbers_of_its_padded_row() -> None:
@@ -125,13 +125,48 @@ def test_packed_rows_give_each_token_the_numbers_of_its_padded_row() -> None:
         padded_lp = rollout.response_logprobs(policy(input_ids=ids, attention_mask=attention,
                                                      position_ids=positions).logits, ids, context, 1.0)
         padded_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1]
-    logits = packed.unpack(policy(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                  position_ids=packed.position_ids).logits)
+    # The LM head runs on the completion-predicting positions only (`index`): the same logits as all, unpacked.
+    logits = causal_lm_logits(policy, packed.input_ids, packed.attention_mask, packed.position_ids,
+                              index=packed.index)
+    with torch.no_grad():
+        every = packed.unpack(policy(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                     position_ids=packed.position_ids).logits)
+    assert logits.shape == every.shape == (4, n, policy.config.vocab_size) and torch.allclose(logits, every, atol=1e-6)
+    assert not policy.lm_head._forward_pre_hooks  # removed: a later forward (the ptx batch) gets every position
     lp = rlhf.logprobs_from_logits(logits, ids[:, context:])
     v = packed.unpack(token_scores(value, packed.input_ids, packed.attention_mask, packed.position_ids))
     assert torch.allclose(lp * mask, padded_lp * mask, atol=1e-5) and torch.allclose(v * mask, padded_v * mask, atol=1e-5)
     (lp * mask).sum().backward()
     assert policy.transformer.wte.weight.grad is not None
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_log_probs_read_while_sampling_are_those_of_a_forward_over_the_completions(top_k: int) -> None:
+    """PPO's old log-probs come from the logits `generate` computes to sample (`SampledLogprobs`), not from a
+    second forward: they must be the full distribution's at the sampling temperature (top-k changes what is
+    sampled, not the policy's distribution), on left-padded prompts, for every sampled token up to its EOS."""
+    policy, _ = _tiny_models()
+    pad, eos = 1, 0
+    prompts = [[pad, pad, 5, 6, 7], [2, 3, 4, 5, 6], [pad, pad, pad, 8, 9]]
+    ids = torch.tensor(prompts)
+    attention = (ids != pad).long()
+    recorder = rollout.SampledLogprobs(policy, temperature=0.7)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sequences = policy.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=0.7,
+                                    top_k=top_k, top_p=1.0, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad,
+                                    logits_processor=rollout.LogitsProcessorList([recorder]))
+    recorder.remove()
+    completions = sequences[:, 5:]
+    logprobs = recorder.logprobs(completions)
+    assert logprobs.shape == completions.shape == (3, 6)
+    mask, _ = rlhf.completion_mask(completions, eos)
+    full = torch.cat([attention, mask.long()], dim=1)
+    with torch.no_grad():
+        logits = policy(input_ids=sequences, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+    expected = rollout.response_logprobs(logits, sequences, 5, temperature=0.7)
+    assert torch.allclose(logprobs * mask, expected * mask, atol=1e-5)
+    assert not policy._forward_hooks  # the hook is gone: later forwards are not recorded
 
 
 def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
