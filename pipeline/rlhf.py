@@ -162,6 +162,15 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and, without gradient, each position's entropy −Σ p·log p, from one log-softmax
+    over the vocabulary (the one the log-probs' backward keeps anyway) instead of a second pass for the entropy."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """[B, T] entropy of each position's next-token distribution: logsumexp(z) − Σ softmax(z)·z."""
     logits = logits.float()

@@ -81,7 +81,7 @@ def ppo_update(
             logits = logits.float()
             if p.temperature != 1.0:  # dividing by 1 is exact: skip the copy of the logits
                 logits = logits / p.temperature
-            logprobs = rlhf.logprobs_from_logits(logits, ids[:, ctx:])
+            logprobs, entropy = rlhf.logprobs_and_entropy(logits, ids[:, ctx:])
             mask = mb["mask"][:, :n]
             # Token means over the whole minibatch of all processes: gradients averaged over N processes
             # are then those of one process on the combined minibatch.
@@ -114,7 +114,7 @@ def ppo_update(
                     "ppo/clip_frac": pg_stats["clip_frac"],
                     "ppo/approx_kl": pg_stats["approx_kl"],
                     "ppo/value_clip_frac": vf_clip,
-                    "ppo/entropy": rlhf.masked_mean(rlhf.entropy_from_logits(logits), mask),
+                    "ppo/entropy": rlhf.masked_mean(entropy, mask),
                     "ppo/grad_norm": torch.as_tensor(float("nan") if grad_norm is None else grad_norm),
                 }
                 if ptx is not None:

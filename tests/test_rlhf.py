@@ -202,6 +202,20 @@ def test_entropy_from_logits() -> None:
     assert float(rlhf.entropy_from_logits(torch.tensor([[[0.0, 1e4]]]))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_logprobs_and_entropy_from_one_log_softmax_agree_with_the_two_functions() -> None:
+    """What the PPO update reads: the same log-probs (with gradient) and entropies (without) as the two functions."""
+    logits = torch.tensor([[[0.0, L2, L5], [3.0, 3.0, 3.0]], [[0.0, math.log(3), -1e4], [0.0, 1e4, 0.0]]],
+                          requires_grad=True)
+    tokens = torch.tensor([[2, 0], [1, 1]])
+    lp, entropy = rlhf.logprobs_and_entropy(logits, tokens)
+    assert torch.allclose(lp, rlhf.logprobs_from_logits(logits, tokens), atol=1e-6)
+    assert torch.allclose(entropy, rlhf.entropy_from_logits(logits), atol=1e-6)
+    # by hand: (1, 2, 5) weights, uniform over 3, the [0, ln 3] pair of the test above, a certain token
+    assert entropy.tolist()[1] == pytest.approx([0.5623351, 0.0], abs=1e-6)
+    assert entropy.tolist()[0][1] == pytest.approx(math.log(3), abs=1e-6)
+    assert lp.requires_grad and not entropy.requires_grad
+
+
 def test_kl_estimates_k1_and_k3_by_hand() -> None:
     logprobs = torch.tensor([[-1.0, -2.0, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, -0.5]])
