@@ -233,8 +233,8 @@ class SampledLogprobs(LogitsProcessor):
     computes to sample them: PPO's old log-probs without a second policy forward over the completions.
 
     A forward hook on the model keeps the log-softmax of each step's last-position logits (the model's own
-    output, before any logits processor: a checkpoint's repetition penalty, top-k or top-p change what is
-    sampled, not the policy's distribution PPO's ratio is about). Called as the last logits processor of the
+    output, before any logits processor: top-k or top-p change what is sampled, not the policy's distribution
+    PPO's ratio is about). Called as the last logits processor of the
     next step, it reads the previous step's at the token sampled from it (the last column of `input_ids`);
     the last token's is read by `logprobs` after `generate` returns. One step's [B, V] is held at a time.
     The cached decoding differs from a full forward in the last bits only (float32; more under bf16)."""
