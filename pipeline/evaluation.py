@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import ConfigError, GenerationEvalConfig
+from pipeline.modeling import plain_sampling
 
 GoldFn = Callable[[str, str, bool], float]
 
@@ -109,17 +110,18 @@ def sample_completions(
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # Seed each batch from our own generator so results do not depend on what ran before.
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            seqs = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=cfg.max_new_tokens,
-                num_return_sequences=cfg.samples_per_prompt,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            with plain_sampling(model):
+                seqs = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=cfg.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=cfg.max_new_tokens,
+                    num_return_sequences=cfg.samples_per_prompt,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = seqs[:, enc["input_ids"].shape[1] :].cpu()
             for i, row in enumerate(new):
                 eos = (row == tokenizer.eos_token_id).nonzero()

@@ -14,7 +14,8 @@ can be trained on assistant turns only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     PretrainedConfig,
@@ -434,6 +436,26 @@ def _output_head(model: Any) -> torch.nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     return head if isinstance(head, torch.nn.Module) else None
+
+
+@contextmanager
+def plain_sampling(model: Any) -> Iterator[None]:
+    """`generate` samples from the model's own distribution, at the temperature / top-k / top-p the call passes,
+    and nothing else. A checkpoint's generation_config.json may ship sampling defaults (Qwen2.5-Instruct's
+    repetition_penalty 1.1, top_k 20, top_p 0.8, temperature 0.7) that `generate` applies to every setting a call
+    leaves unset: PPO's samples must come from the distribution its ratio scores, and evaluation samples from
+    the policy being measured. The model's own config is back afterwards (it is saved with the checkpoint)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
+    saved = getattr(inner, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    inner.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                               pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def check_same_tokenizer(

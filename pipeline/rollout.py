@@ -24,7 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from pipeline import distributed, rlhf
 from pipeline.config import PPOConfig
-from pipeline.modeling import causal_lm_logits, token_scores
+from pipeline.modeling import causal_lm_logits, plain_sampling, token_scores
 from pipeline.packing import can_pack, pack_rows, token_window
 
 
@@ -163,11 +163,12 @@ def generate_rollout(
             torch.manual_seed(seeds[k])  # the sampling noise of this chunk, whatever ran before (resume is exact)
             recorder = SampledLogprobs(gathered.policy, p.temperature)
             try:
-                sequences = gathered.policy.generate(
-                    **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                    max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
-                )
+                with plain_sampling(gathered.policy):
+                    sequences = gathered.policy.generate(
+                        **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                        max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
+                    )
             finally:
                 recorder.remove()
             completions = sequences[:, enc["input_ids"].shape[1] :]

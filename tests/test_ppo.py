@@ -21,7 +21,7 @@ from transformers import (
 from pipeline import packing, rlhf, rollout
 from pipeline.__main__ import main
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.modeling import causal_lm_logits, load_stage_model, token_scores
+from pipeline.modeling import causal_lm_logits, load_stage_model, plain_sampling, token_scores
 from pipeline.stages import ppo
 from tests.conftest import run_group
 
@@ -167,6 +167,30 @@ def test_log_probs_read_while_sampling_are_those_of_a_forward_over_the_completio
     expected = rollout.response_logprobs(logits, sequences, 5, temperature=0.7)
     assert torch.allclose(logprobs * mask, expected * mask, atol=1e-5)
     assert not policy._forward_hooks  # the hook is gone: later forwards are not recorded
+
+
+def test_sampling_ignores_the_sampling_defaults_a_checkpoint_ships() -> None:
+    """A checkpoint's generation_config.json may ship sampling defaults (Qwen2.5-Instruct: repetition_penalty
+    1.1, top_k 20, top_p 0.8) that `generate` applies to whatever a call leaves unset. Rollouts and evaluation
+    sample under `plain_sampling`: the samples of the model's own distribution, as if the checkpoint shipped
+    none, and the model keeps its config (it is saved with the checkpoint)."""
+    policy, _ = _tiny_models()
+    ids = torch.tensor([[5, 6, 7], [2, 3, 4]])
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                   temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, eos_token_id=0,
+                                   pad_token_id=1)
+
+    plain = sample()
+    policy.generation_config.repetition_penalty = 100.0
+    policy.generation_config.no_repeat_ngram_size = 1
+    assert not torch.equal(sample(), plain)  # what the shipped defaults do to a plain `generate`
+    with plain_sampling(policy):
+        assert torch.equal(sample(), plain)
+    assert policy.generation_config.repetition_penalty == 100.0 and policy.generation_config.no_repeat_ngram_size == 1
 
 
 def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_dir: Path, rm_dir: Path) -> None:
