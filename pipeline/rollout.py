@@ -235,10 +235,10 @@ class SampledLogprobs(LogitsProcessor):
 
     A forward hook on the model keeps the log-softmax of each step's last-position logits (the model's own
     output, before any logits processor: top-k or top-p change what is sampled, not the policy's distribution
-    PPO's ratio is about). Called as the last logits processor of the
-    next step, it reads the previous step's at the token sampled from it (the last column of `input_ids`);
-    the last token's is read by `logprobs` after `generate` returns. One step's [B, V] is held at a time.
-    The cached decoding differs from a full forward in the last bits only (float32; more under bf16)."""
+    PPO's ratio is about). As the last logits processor of the next step, it reads that log-softmax at the
+    token sampled from it (the last column of `input_ids`); the last token's is read by `logprobs` after
+    `generate` returns. One step's [B, V] is held at a time. The cached decoding differs from a full forward in
+    the last bits only (float32; more under bf16)."""
 
     def __init__(self, policy: Any, temperature: float):
         model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft: the HF model
@@ -265,13 +265,12 @@ class SampledLogprobs(LogitsProcessor):
 
     def logprobs(self, completions: torch.Tensor) -> torch.Tensor:
         """[B, n] the log-probs of `completions` ([B, n], what `generate` returned after the prompt)."""
-        n = completions.shape[1]
-        if len(self._steps) < n:  # the last sampled token (generate may also run steps it then undoes)
-            self._steps.append(self._pending.gather(1, completions[:, len(self._steps) : len(self._steps) + 1])
-                               .squeeze(1))
+        n, seen = completions.shape[1], len(self._steps)
+        if seen < n and self._pending is not None:  # the last sampled token (generate may run steps it undoes)
+            self._steps.append(self._pending.gather(1, completions[:, seen : seen + 1]).squeeze(1))
         if len(self._steps) < n:
-            raise RuntimeError(f"generate sampled {n} tokens but its logits were seen for {len(self._steps)}")
-        return torch.stack(self._steps[:n], dim=1) if n else completions.new_zeros(completions.shape, dtype=torch.float)
+            raise RuntimeError(f"generate returned {n} new tokens but their logits were seen for {len(self._steps)}")
+        return torch.stack(self._steps[:n], dim=1)
 
 
 @torch.no_grad()
