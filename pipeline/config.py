@@ -406,6 +406,12 @@ class PPOConfig:
                             gt=0)
     top_k: int = _f(0, help="Sample from the k most likely tokens only; 0 = off (off during RL is standard).", ge=0)
     top_p: float = _f(1.0, help="Nucleus sampling mass; 1 = off.", gt=0, le=1)
+    logprobs_from_sampling: bool | None = _f(
+        None, help="Read the policy's old log-probs from the logits sampling computed (no second policy forward over "
+        "the completions) instead of recomputing them; they agree to float32 rounding, but cached decoding under "
+        "bf16/fp16 or a quantized policy drifts further from the update's full forward. null = on in float32, "
+        "off under mixed precision or quantization.",
+    )
     kl_coef: float = _f(0.02, help="β of the per-token KL penalty −β(log π − log π_ref) (InstructGPT: 0.02).", ge=0)
     target_kl: float | None = _f(
         None, help="Adaptive KL controller (Ziegler et al. 2019): the KL per completion β is steered to; null = fixed β.",

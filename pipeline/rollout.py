@@ -143,8 +143,9 @@ def generate_rollout(
     default), chunk k seeded with `seed[k]`; the policy's ZeRO-3 shards are gathered once for all chunks
     unless `ppo.gather_for_generation` is off. The policy's log-probs of the sampled tokens (the numbers PPO's
     ratio compares against, at the sampling temperature) are read from the logits `generate` computes anyway
-    (`SampledLogprobs`), as TRL's PPO trainer did: no second policy forward over the completions. The
-    reference, value and reward models then score the batch (`score_rollout`).
+    (`SampledLogprobs`), as TRL's PPO trainer did, with no second policy forward over the completions; or, under
+    mixed precision or quantization (`logprobs_from_sampling`), recomputed by one. The reference, value and
+    reward models then score the batch (`score_rollout`).
     """
     accelerator, tokenizer = models.accelerator, models.tokenizer
     unwrapped = accelerator.unwrap_model(models.model)
@@ -154,6 +155,7 @@ def generate_rollout(
     if len(seeds) != -(-len(prompts) // chunk_size):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts in chunks of {chunk_size}")
     was_training = unwrapped.training
+    from_sampling = logprobs_from_sampling(models, p)
     pieces = []
     with distributed.gathered_for_generation(models.model, accelerator, models.gather_for_generation) as gathered:
         gathered.eval()
@@ -161,24 +163,30 @@ def generate_rollout(
             enc = encode_prompts(tokenizer, [t for t, _ in prompts[start : start + chunk_size]],
                                  p.max_prompt_length, device)
             torch.manual_seed(seeds[k])  # the sampling noise of this chunk, whatever ran before (resume is exact)
-            recorder = SampledLogprobs(gathered.policy, p.temperature)
+            recorder = SampledLogprobs(gathered.policy, p.temperature) if from_sampling else None
             try:
                 with plain_sampling(gathered.policy):
                     sequences = gathered.policy.generate(
                         **enc, do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                         max_new_tokens=p.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([recorder]),
+                        pad_token_id=tokenizer.pad_token_id,
+                        logits_processor=LogitsProcessorList([recorder] if recorder else []),
                     )
             finally:
-                recorder.remove()
+                if recorder is not None:
+                    recorder.remove()
             completions = sequences[:, enc["input_ids"].shape[1] :]
-            pieces.append((enc["input_ids"], enc["attention_mask"], completions, recorder.logprobs(completions)))
+            logprobs = (recorder.logprobs(completions) if recorder is not None
+                        else torch.zeros(completions.shape, device=completions.device))  # recomputed below
+            pieces.append((enc["input_ids"], enc["attention_mask"], completions, logprobs))
     unwrapped.train(was_training)
     query_responses, attention_mask, position_ids, context, mask, ended, logprobs = _assemble(
         pieces, tokenizer.pad_token_id, tokenizer.eos_token_id)
     responses = query_responses[:, context:]
-    ref_logprobs, values, scores = score_rollout(models, query_responses, attention_mask, position_ids, context,
-                                                 mask, p, with_values)
+    ref_logprobs, values, scores, recomputed = score_rollout(models, query_responses, attention_mask, position_ids,
+                                                             context, mask, p, with_values, with_policy=not from_sampling)
+    if recomputed is not None:
+        logprobs = recomputed
     # One host transfer for the whole batch, not one per completion.
     lengths = mask.sum(1).long().tolist()
     completions = tokenizer.batch_decode([row[:n] for row, n in zip(responses.tolist(), lengths, strict=True)],
@@ -229,6 +237,19 @@ def _assemble(pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return query_responses, attention_mask, position_ids, context, mask, ended, logprobs * mask
 
 
+def logprobs_from_sampling(models: Models, p: PPOConfig) -> bool:
+    """Whether a rollout reads the policy's old log-probs from sampling (`ppo.logprobs_from_sampling`). null: in
+    float32 only (no mixed precision, float32 weights, no quantized base), where cached decoding agrees with the
+    update's full forward to rounding; under bf16 / fp16 / 4-bit it drifts further, and a second forward keeps
+    PPO's first ratio at 1."""
+    if p.logprobs_from_sampling is not None:
+        return p.logprobs_from_sampling
+    unwrapped = models.accelerator.unwrap_model(models.model)
+    config = getattr(unwrapped.policy, "config", None)
+    return (models.accelerator.mixed_precision == "no" and getattr(config, "quantization_config", None) is None
+            and all(t.dtype == torch.float32 for t in unwrapped.parameters() if t.is_floating_point()))
+
+
 class SampledLogprobs(LogitsProcessor):
     """The log-probs of the tokens `generate` samples, at the sampling temperature, read from the logits it
     computes to sample them: PPO's old log-probs without a second policy forward over the completions.
@@ -276,24 +297,25 @@ class SampledLogprobs(LogitsProcessor):
 @torch.no_grad()
 def score_rollout(
     models: Models, query_responses: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-    context: int, mask: torch.Tensor, p: PPOConfig, with_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([B, R] reference log-probs, [B, R] values, [B] reward-model scores) of sampled completions, without
-    gradients; every [B, R] tensor is 0 after each completion's end. (The policy's own log-probs come from
-    sampling: `SampledLogprobs`.)
+    context: int, mask: torch.Tensor, p: PPOConfig, with_values: bool = True, with_policy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """([B, R] reference log-probs, [B, R] values, [B] reward-model scores, [B, R] policy log-probs or None) of
+    sampled completions, without gradients; every [B, R] tensor is 0 after each completion's end. The policy's
+    own log-probs usually come from sampling (`SampledLogprobs`); `with_policy` recomputes them here.
 
     Forwards run on `ppo.minibatch_size` rows at a time (bounding the memory), each on `token_window` of its
-    rows only, and the reference computes logits for the completion positions only (`causal_lm_logits`): the
+    rows only, and the causal LMs compute logits for the completion positions only (`causal_lm_logits`): the
     numbers of the real tokens are those of a forward over the whole padded batch.
     """
     unwrapped = models.accelerator.unwrap_model(models.model)
-    ref_policy = models.ref_policy
+    policy, ref_policy = unwrapped.policy, models.ref_policy
     reward_model = distributed.inner(models.reward_model)
     B, R = mask.shape
     was_training = unwrapped.training
     unwrapped.eval()
-    pack = all(can_pack(distributed.inner(m)) for m in (ref_policy, unwrapped.value_model, reward_model))
-    ref_logprobs, values, scores = [], [], []
+    scored = (ref_policy, unwrapped.value_model, reward_model, *((policy,) if with_policy else ()))
+    pack = all(can_pack(distributed.inner(m)) for m in scored)
+    logprobs, ref_logprobs, values, scores = [], [], [], []
     for i in range(0, B, p.minibatch_size):
         start, end = token_window(attention_mask[i : i + p.minibatch_size], mask[i : i + p.minibatch_size], context)
         rows = slice(i, i + p.minibatch_size)
@@ -303,21 +325,26 @@ def score_rollout(
             packed = pack_rows(ids, att, pos, ctx, n)
             ids_p, att_p, pos_p = packed.input_ids, packed.attention_mask, packed.position_ids
             ref_logits = causal_lm_logits(ref_policy, ids_p, att_p, pos_p, index=packed.index)
+            logits = causal_lm_logits(policy, ids_p, att_p, pos_p, index=packed.index) if with_policy else None
             value = packed.unpack(token_scores(unwrapped.value_model, ids_p, att_p, pos_p)) if with_values else None
             scores.append(token_scores(reward_model, ids_p, att_p, pos_p).reshape(-1)[packed.last])
         else:
             ref_logits = causal_lm_logits(ref_policy, ids, att, pos, keep=n + 1)[:, :-1]
+            logits = causal_lm_logits(policy, ids, att, pos, keep=n + 1)[:, :-1] if with_policy else None
             value = token_scores(unwrapped.value_model, ids, att, pos)[:, ctx - 1 : -1] if with_values else None
             rm = token_scores(reward_model, ids, att, pos)
             last = ctx + rlhf.last_token_index(mask[rows, :n])
             scores.append(rm[torch.arange(len(ids), device=rm.device), last])
         ref_logprobs.append(F.pad(_logprobs_at(ref_logits, ids[:, ctx:], p.temperature), (0, R - n)))
+        if logits is not None:
+            logprobs.append(F.pad(_logprobs_at(logits, ids[:, ctx:], p.temperature), (0, R - n)))
         if value is not None:
             values.append(F.pad(value, (0, R - n)))
     unwrapped.train(was_training)
     ref_logprobs_t = torch.cat(ref_logprobs) * mask
     values_t = torch.cat(values) * mask if with_values else torch.zeros_like(ref_logprobs_t)
-    return ref_logprobs_t, values_t, torch.cat(scores)
+    logprobs_t = torch.cat(logprobs) * mask if with_policy else None
+    return ref_logprobs_t, values_t, torch.cat(scores), logprobs_t
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,

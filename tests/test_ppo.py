@@ -92,15 +92,17 @@ def test_scoring_on_the_used_columns_only_gives_the_numbers_of_the_whole_padded_
     p = load_config("configs/tiny.yaml", ["ppo.minibatch_size=1", "ppo.rollout_batch_size=2"]).ppo
     p.minibatch_size, p.temperature = 2, 0.7
     models = rollout.Models(Accelerator(cpu=True), rollout.PolicyAndValue(policy, value).eval(), ref, reward, None)
-    ref_logprobs, values, scores = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
+    ref_logprobs, values, scores, none = rollout.score_rollout(models, ids, attention, positions, context, mask, p)
+    assert none is None  # the policy's log-probs come from sampling unless asked for (`with_policy`)
+    *_, logprobs = rollout.score_rollout(models, ids, attention, positions, context, mask, p, with_policy=True)
     with torch.no_grad():
         expected_lp = rollout.response_logprobs(ref(input_ids=ids, attention_mask=attention,
                                                     position_ids=positions).logits, ids, context, 0.7) * mask
         expected_v = token_scores(value, ids, attention, positions)[:, context - 1 : -1] * mask
         rm = token_scores(reward, ids, attention, positions)
     expected_scores = rm[torch.arange(3), context + rlhf.last_token_index(mask)]
-    assert ref_logprobs.shape == values.shape == mask.shape == (3, 7)
-    assert torch.allclose(ref_logprobs, expected_lp, atol=1e-5)
+    assert ref_logprobs.shape == values.shape == logprobs.shape == mask.shape == (3, 7)
+    assert torch.allclose(ref_logprobs, expected_lp, atol=1e-5) and torch.allclose(logprobs, expected_lp, atol=1e-5)
     assert torch.allclose(values, expected_v, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-5)
     assert ref_logprobs[mask == 0].eq(0).all() and values[mask == 0].eq(0).all()
 
@@ -205,7 +207,22 @@ def test_rollout_masks_everything_after_eos_and_scores_the_last_real_token(sft_d
     model = rollout.PolicyAndValue(policy, value_model)
     prompts = [("count to three\n", "count to three\n"), ("repeat the word cat six times\n",) * 2]
     models = rollout.Models(accelerator, model, ref, reward_model, tokenizer)
+    assert cfg.ppo.logprobs_from_sampling is None and rollout.logprobs_from_sampling(models, cfg.ppo)  # float32
     r = rollout.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
+    # Recomputed by a forward instead (what bf16 / quantized runs do): the same samples and log-probs.
+    cfg.ppo.logprobs_from_sampling = False
+    again = rollout.generate_rollout(models, prompts, cfg.ppo, gold=None, seed=0)
+    assert torch.equal(again.query_responses, r.query_responses)
+    assert torch.allclose(again.logprobs, r.logprobs, atol=1e-5) and not torch.equal(again.logprobs, r.logprobs)
+    cfg.ppo.logprobs_from_sampling = None
+    class MixedPrecision:  # an Accelerator under bf16 (one process holds one AcceleratorState)
+        mixed_precision = "bf16"
+
+        def unwrap_model(self, m: torch.nn.Module) -> torch.nn.Module:
+            return m
+
+    assert not rollout.logprobs_from_sampling(rollout.Models(MixedPrecision(), model, ref, reward_model, tokenizer),
+                                              cfg.ppo)
     # Completions are cut to the longest one (EOS included), not padded to max_new_tokens.
     R = int(r.mask.sum(1).max())
     assert 1 <= R <= cfg.ppo.max_new_tokens
