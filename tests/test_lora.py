@@ -19,7 +19,7 @@ from conftest import small_overrides
 from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pipeline import lora
+from pipeline import lora, rollout
 from pipeline.config import ConfigError, load_config
 from pipeline.modeling import compute_rewards, fuse_activations, load_reward_model
 from pipeline.stages import ppo, pretrain, rm, sft
@@ -126,6 +126,18 @@ def test_lora_ppo_holds_one_base_and_the_reference_is_the_sft_model_exactly(lora
         expected = sft_model(ids).logits
     assert torch.equal(ref, expected)
     assert float((policy - expected).abs().max()) > 1e-4, "the policy adapter did not train"
+    # The shared base's rollout reads the policy's old log-probs while sampling (float32); recomputed by a forward
+    # through the policy adapter (what bf16 / 4-bit runs do) they are the same.
+    p, prompts = lora_chain["cfg"].ppo, [("count to three\n",) * 2, ("repeat the word cat six times\n",) * 2]
+    assert rollout.logprobs_from_sampling(models, p)
+    sampled = rollout.generate_rollout(models, prompts, p, gold=None, seed=0)
+    p.logprobs_from_sampling = False
+    try:
+        recomputed = rollout.generate_rollout(models, prompts, p, gold=None, seed=0)
+    finally:
+        p.logprobs_from_sampling = None
+    assert torch.equal(sampled.query_responses, recomputed.query_responses)
+    assert torch.allclose(sampled.logprobs, recomputed.logprobs, atol=1e-5)
 
 
 @pytest.mark.slow
