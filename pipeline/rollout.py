@@ -175,10 +175,10 @@ def generate_rollout(
             finally:
                 if recorder is not None:
                     recorder.remove()
-            completions = sequences[:, enc["input_ids"].shape[1] :]
-            logprobs = (recorder.logprobs(completions) if recorder is not None
-                        else torch.zeros(completions.shape, device=completions.device))  # recomputed below
-            pieces.append((enc["input_ids"], enc["attention_mask"], completions, logprobs))
+            new_tokens = sequences[:, enc["input_ids"].shape[1] :]
+            logprobs = (recorder.logprobs(new_tokens) if recorder is not None
+                        else torch.zeros(new_tokens.shape, device=new_tokens.device))  # recomputed below
+            pieces.append((enc["input_ids"], enc["attention_mask"], new_tokens, logprobs))
     unwrapped.train(was_training)
     query_responses, attention_mask, position_ids, context, mask, ended, logprobs = _assemble(
         pieces, tokenizer.pad_token_id, tokenizer.eos_token_id)
