@@ -39,7 +39,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 from pipeline.config import ConfigError, DatasetConfig, ModelConfig, TokenizerConfig
 from pipeline.data import load_corpus
-from pipeline.distributed import gathered_params
+from pipeline.distributed import gathered_params, inner
 
 log = logging.getLogger(__name__)
 
@@ -430,10 +430,8 @@ def causal_lm_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def _output_head(model: Any) -> torch.nn.Module | None:
-    """The module that maps hidden states to logits (GPT-2's `lm_head`), through DeepSpeed / DDP wrappers."""
-    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
-        model = model.module
-    getter = getattr(model, "get_output_embeddings", None)
+    """The module that maps hidden states to logits (GPT-2's `lm_head`), through a DeepSpeed / DDP wrapper."""
+    getter = getattr(inner(model), "get_output_embeddings", None)
     head = getter() if getter is not None else None
     return head if isinstance(head, torch.nn.Module) else None
 
@@ -445,17 +443,23 @@ def plain_sampling(model: Any) -> Iterator[None]:
     repetition_penalty 1.1, top_k 20, top_p 0.8, temperature 0.7) that `generate` applies to every setting a call
     leaves unset: PPO's samples must come from the distribution its ratio scores, and evaluation samples from
     the policy being measured. The model's own config is back afterwards (it is saved with the checkpoint)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the transformers model
-    saved = getattr(inner, "generation_config", None)
+    generating = transformers_model(model)
+    saved = getattr(generating, "generation_config", None)
     if saved is None:
         yield
         return
-    inner.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
-                                               pad_token_id=saved.pad_token_id)
+    generating.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                                    pad_token_id=saved.pad_token_id)
     try:
         yield
     finally:
-        inner.generation_config = saved
+        generating.generation_config = saved
+
+
+def transformers_model(model: Any) -> torch.nn.Module:
+    """The transformers model whose `generate` loop runs (its generation_config, its forward hooks): inside a
+    peft model (or a role of PPO's shared LoRA base), the model itself otherwise."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def check_same_tokenizer(

@@ -24,7 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from pipeline import distributed, rlhf
 from pipeline.config import PPOConfig
-from pipeline.modeling import causal_lm_logits, plain_sampling, token_scores
+from pipeline.modeling import causal_lm_logits, plain_sampling, token_scores, transformers_model
 from pipeline.packing import can_pack, pack_rows, token_window
 
 
@@ -262,12 +262,11 @@ class SampledLogprobs(LogitsProcessor):
     the last bits only (float32; more under bf16)."""
 
     def __init__(self, policy: Any, temperature: float):
-        model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft: the HF model
         self.temperature = temperature
         self._latest: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._steps: list[torch.Tensor] = []
-        self._handle = model.register_forward_hook(self._on_forward)
+        self._handle = transformers_model(policy).register_forward_hook(self._on_forward)
 
     def _on_forward(self, _module: torch.nn.Module, _args: Any, output: Any) -> None:
         logits = output.logits[:, -1].float()
