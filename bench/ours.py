@@ -107,21 +107,26 @@ def matmul_flops_per_s(assets: Path, rows: int, seconds: float = 2.0) -> float:
     """The roofline's ceiling, measured here and now: plain float32 `torch.matmul` on the model's own matrix
     sizes with the optimization phase's row count (one minibatch's tokens): [rows, d] @ [d, n] for n in
     3d (QKV), d (projection), 4d (MLP up), the MLP down [rows, 4d] @ [4d, d] and the LM head [rows, d] @
-    [d, vocab]; FLOPs = 2·rows·k·n each, over the wall time of repeated rounds of all five."""
+    [d, vocab]; FLOPs = 2·rows·k·n each, over the wall time of repeated rounds of all five. On the device the
+    stage trained on: the GPU when there is one (the clock then waits for the GPU after each round)."""
     import torch
     from transformers import AutoConfig
 
     mc = AutoConfig.from_pretrained(assets / "policy")
     d, v = mc.n_embd, mc.vocab_size
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d), (d, v)]
-    mats = [(torch.randn(rows, k), torch.randn(k, n)) for k, n in shapes]
+    mats = [(torch.randn(rows, k, device=device), torch.randn(k, n, device=device)) for k, n in shapes]
     per_round = sum(2 * rows * k * n for k, n in shapes)
     for a, b in mats:  # warm-up
         torch.matmul(a, b)
+    sync()
     rounds, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for a, b in mats:
             torch.matmul(a, b)
+        sync()
         rounds += 1
     return per_round * rounds / (time.perf_counter() - t0)
 

@@ -109,6 +109,12 @@ def jobs(args: argparse.Namespace, peer_python: Path | None) -> dict[str, list[t
     return out
 
 
+def peak_gpu(runs: list[dict[str, Any]]) -> float | None:
+    """The largest peak GPU memory of a side's runs; None when they ran on the CPU."""
+    peaks = [r["peak_gpu_mib"] for r in runs if r.get("peak_gpu_mib") is not None]
+    return max(peaks) if peaks else None
+
+
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -127,7 +133,8 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
         rows.append({"stage": name, "ours": o, "trl": t, "unit": unit, "ratio": o / t if t else None,
                      "ratio_best": best,
                      "rss_ours_mib": max(r["peak_rss_mib"] for r in sides[ours]),
-                     "rss_trl_mib": max(r["peak_rss_mib"] for r in sides[trl]) if t else None})
+                     "rss_trl_mib": max(r["peak_rss_mib"] for r in sides[trl]) if t else None,
+                     "gpu_ours_mib": peak_gpu(sides[ours]), "gpu_trl_mib": peak_gpu(sides[trl]) if t else None})
 
     row("PPO (ptx off)", "ppo", "ours", "trl", "episodes_per_s", "episodes/s")
     row("PPO (ptx off)", "ppo", "ours", "trl", "tokens_per_s", "gen. tokens/s")
@@ -153,24 +160,30 @@ def fmt(x: float | None, unit: str = "") -> str:
 
 
 def report(doc: dict[str, Any]) -> str:
+    gpu = any(r.get("gpu_ours_mib") is not None for r in doc["table"])
     lines = [f"{'stage':<20} {'ours':>10} {'TRL':>10}  {'unit':<15} {'ratio':>6} {'(best)':>7}  {'RSS ours':>9} "
-             f"{'RSS TRL':>9}"]
+             f"{'RSS TRL':>9}" + (f"  {'GPU ours':>10} {'GPU TRL':>10}" if gpu else "")]
     for r in doc["table"]:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         best = f"{r['ratio_best']:.2f}x" if r.get("ratio_best") else "-"
         rss_t = f"{r['rss_trl_mib']:.0f} MiB" if r["rss_trl_mib"] else "-"
-        lines.append(f"{r['stage']:<20} {fmt(r['ours']):>10} {fmt(r['trl']):>10}  {r['unit']:<15} {ratio:>6} "
-                     f"{best:>7}  {r['rss_ours_mib']:>5.0f} MiB {rss_t:>9}")
+        line = (f"{r['stage']:<20} {fmt(r['ours']):>10} {fmt(r['trl']):>10}  {r['unit']:<15} {ratio:>6} "
+                f"{best:>7}  {r['rss_ours_mib']:>5.0f} MiB {rss_t:>9}")
+        if gpu:
+            mib = [f"{r[k]:.0f} MiB" if r.get(k) is not None else "-" for k in ("gpu_ours_mib", "gpu_trl_mib")]
+            line += f"  {mib[0]:>10} {mib[1]:>10}"
+        lines.append(line)
     if doc["roofline"]:
         rf = doc["roofline"]
         lines.append(f"roofline: PPO optimization {rf['opt_gflops_per_s']:.1f} GFLOP/s = {100 * rf['fraction']:.0f} % "
-                     f"of float32 torch.matmul on its own shapes ({rf['matmul_gflops_per_s']:.1f} GFLOP/s, "
+                     f"of float32 torch.matmul{' on the GPU' if gpu else ''} on its own shapes ({rf['matmul_gflops_per_s']:.1f} GFLOP/s, "
                      f"{rf['matmul_rows']} rows); FLOPs = 6 x (N_policy + N_value) x tokens (+ 6 x N_policy x ptx "
                      "tokens)")
     for check in doc["checks"]:
         lines.append(f"check: {check}")
     m = doc["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, "
+                 f"{('GPU ' + m['gpu'] + ', ') if m.get('gpu') else ''}torch threads {m['torch_threads']}, "
                  f"{doc['date']}; median of {doc['repeats']} alternating runs per side (best: the fastest run of "
                  f"each){' (--quick)' if doc['quick'] else ''}")
     return "\n".join(lines)
@@ -232,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_child(cmd, env)
                 results[stage].setdefault(side, []).append(r)
                 rate = r.get("episodes_per_s") or r.get("tokens_per_s") or r.get("comparisons_per_s")
-                print(f"  round {round_ + 1}: {stage:<3} {side:<8} {rate:10.2f}  peak RSS {r['peak_rss_mib']:.0f} MiB",
+                gpu = f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") is not None else ""
+                print(f"  round {round_ + 1}: {stage:<3} {side:<8} {rate:10.2f}  peak RSS {r['peak_rss_mib']:.0f} MiB{gpu}",
                       flush=True)
-    threads = sorted({r["torch_threads"] for s in results.values() for rs in s.values() for r in rs})
+    every = [r for s in results.values() for rs in s.values() for r in rs]
+    threads = sorted({r["torch_threads"] for r in every if "torch_threads" in r})
+    gpus = sorted({r["gpu"] for r in every if r.get("gpu")})  # the children import torch; this process need not
     doc = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {**machine(), "torch_threads": threads[0] if len(threads) == 1 else threads},
+        "machine": {**machine(), "gpu": ", ".join(gpus) or None,
+                    "torch_threads": threads[0] if len(threads) == 1 else threads},
         "quick": args.quick, "repeats": args.repeats, "ppo_iterations": args.iterations,
         "peer": peer_pins() if peer_python else None,
         "table": table(results), "roofline": roofline(results), "checks": token_checks(results), "runs": results,

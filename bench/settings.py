@@ -140,6 +140,21 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def peak_gpu_mib() -> float | None:
+    """The most GPU memory this process's tensors held (PyTorch's allocator), or None when it used no GPU.
+    torch is only read if the process already imported it: this file stays importable without it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name when torch is imported and sees one (the machine line of the table)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -151,8 +166,12 @@ def machine() -> dict[str, Any]:
 
 
 def emit(result: dict[str, Any]) -> None:
-    """The one line a bench child prints for bench/run.py (the last line starting with BENCH)."""
+    """The one line a bench child prints for bench/run.py (the last line starting with BENCH): its result,
+    its peak resident memory and, when it ran on a GPU, its peak GPU memory."""
     result = {**result, "peak_rss_mib": round(peak_rss_mib(), 1)}
+    gpu = peak_gpu_mib()
+    if gpu is not None:
+        result.update(peak_gpu_mib=round(gpu, 1), gpu=gpu_name())
     print("BENCH " + json.dumps(result), flush=True)
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -169,3 +170,31 @@ def test_report_takes_medians_and_flags_unequal_token_counts() -> None:
     assert "all completions at full length" in checks[0] and "96 optimizer steps per run" in checks[1]
     assert "UNEQUAL completions" in checks[2] and "UNEQUAL optimizer steps" in checks[3]
     assert checks[4].startswith("SFT: UNEQUAL")
+
+
+def test_report_shows_peak_gpu_memory_only_for_gpu_runs() -> None:
+    def ppo(eps: float, gpu: float | None) -> dict:
+        r = {"episodes_per_s": eps, "tokens_per_s": eps * 24, "peak_rss_mib": 700, "tokens": 1536,
+             "expected_tokens": 1536, "episodes": 64}
+        return r if gpu is None else {**r, "peak_gpu_mib": gpu, "gpu": "NVIDIA H200"}
+
+    doc = {"roofline": None, "checks": [], "date": "2026-12-02 16:00 UTC", "repeats": 2, "quick": False,
+           "machine": {"cpu": "x", "cores": 2, "torch_threads": 2}}
+    cpu = bench_run.report({**doc, "table": bench_run.table({"ppo": {"ours": [ppo(20, None)] * 2,
+                                                                     "trl": [ppo(10, None)] * 2}})})
+    assert "GPU" not in cpu  # a CPU run's table keeps its columns
+    rows = bench_run.table({"ppo": {"ours": [ppo(20, 900), ppo(22, 950)], "trl": [ppo(10, 1200), ppo(9, 1100)]}})
+    assert rows[0]["gpu_ours_mib"] == 950 and rows[0]["gpu_trl_mib"] == 1200  # the largest peak of each side
+    text = bench_run.report({**doc, "machine": {**doc["machine"], "gpu": "NVIDIA H200"}, "table": rows})
+    header, line = text.splitlines()[:2]
+    assert header.split()[-4:] == ["GPU", "ours", "GPU", "TRL"]
+    assert line.split()[-4:] == ["950", "MiB", "1200", "MiB"] and "GPU NVIDIA H200" in text
+
+
+def test_emit_adds_peak_gpu_memory_only_after_gpu_work(capsys: pytest.CaptureFixture[str]) -> None:
+    import settings
+
+    settings.emit({"stage": "ppo"})
+    line = json.loads(capsys.readouterr().out.removeprefix("BENCH "))
+    assert line["peak_rss_mib"] > 0
+    assert ("peak_gpu_mib" in line) == (torch.cuda.is_available() and torch.cuda.is_initialized())
