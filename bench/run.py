@@ -189,6 +189,11 @@ def report(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def peer_trl_versions(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """The TRL version(s) TRL's side reported (each peer run prints its own)."""
+    return ", ".join(sorted({r["trl"] for s in results.values() for r in s.get("trl", []) if "trl" in r})) or "?"
+
+
 def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     """Both PPO sides must generate what they were asked to (every episode `max_new_tokens` long) and take
     the optimizer steps the settings say; both SFT sides the same number of optimizer steps."""
@@ -201,6 +206,11 @@ def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[st
             bad = [r for r in runs if r["optimizer_steps"] != r["expected_steps"]]
             out.append(f"PPO {side}: {'UNEQUAL' if bad else runs[0]['optimizer_steps']} optimizer steps"
                        f"{' (expected ' + str(runs[0]['expected_steps']) + ')' if bad else ' per run, as set'}")
+    pinned = PEER_TRL.split("==")[1]
+    for stage in ("ppo", "sft"):
+        other = sorted({r["trl"] for r in results.get(stage, {}).get("trl", []) if r.get("trl", pinned) != pinned})
+        if other:
+            out.append(f"{stage.upper()} trl: TRL {', '.join(other)}, NOT the pinned {pinned}")
     sft = results.get("sft", {})
     steps = {side: {r.get("optimizer_steps") for r in runs} for side, runs in sft.items()}
     if len(steps) == 2:
@@ -218,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"PPO iterations per run, the first untimed (default {PPOBench.iterations}; --quick: 2)")
     p.add_argument("--only", nargs="+", choices=["ppo", "sft", "rm"], default=["ppo", "sft", "rm"])
     p.add_argument("--no-peer", action="store_true", help="ours only: no TRL 1.12 venv (the RM line keeps its TRL)")
+    p.add_argument("--peer-python", type=Path, default=None, metavar="PYTHON",
+                   help="run TRL's side with this interpreter (one that imports trl 1.12) instead of creating "
+                        "bench/.peer-venv: for a machine with no package index, e.g. a GPU box with wheels carried in")
     p.add_argument("--assets", type=Path, default=Path("runs/bench/assets"))
     p.add_argument("--json", type=Path, default=Path("runs/bench/bench.json"))
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import assets
 
-    peer_python = None if args.no_peer or args.only == ["rm"] else ensure_peer_venv()
+    peer_python = None if args.no_peer or args.only == ["rm"] else args.peer_python or ensure_peer_venv()
     assets.build(args.assets)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     plan = jobs(args, peer_python)
@@ -256,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine(), "gpu": ", ".join(gpus) or None,
                     "torch_threads": threads[0] if len(threads) == 1 else threads},
         "quick": args.quick, "repeats": args.repeats, "ppo_iterations": args.iterations,
-        "peer": peer_pins() if peer_python else None,
+        "peer": (f"{args.peer_python} (trl {peer_trl_versions(results)})" if args.peer_python else peer_pins())
+        if peer_python else None,
         "table": table(results), "roofline": roofline(results), "checks": token_checks(results), "runs": results,
     }
     text = report(doc)

@@ -7,6 +7,7 @@ report's arithmetic (medians, ratios, the equal-token check) is right.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -198,3 +199,20 @@ def test_emit_adds_peak_gpu_memory_only_after_gpu_work(capsys: pytest.CaptureFix
     line = json.loads(capsys.readouterr().out.removeprefix("BENCH "))
     assert line["peak_rss_mib"] > 0
     assert ("peak_gpu_mib" in line) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def test_a_peer_trl_other_than_the_pinned_one_is_flagged() -> None:
+    run = {"episodes_per_s": 10, "tokens_per_s": 240, "peak_rss_mib": 600, "tokens": 1536, "expected_tokens": 1536,
+           "episodes": 64}
+    pinned = {"ppo": {"ours": [run], "trl": [{**run, "trl": "1.12.0"}]}}
+    assert not any("NOT the pinned" in c for c in bench_run.token_checks(pinned))
+    other = {"ppo": {"ours": [run], "trl": [{**run, "trl": "1.11.0"}]}}
+    assert "PPO trl: TRL 1.11.0, NOT the pinned 1.12.0" in bench_run.token_checks(other)
+    assert bench_run.peer_trl_versions(other) == "1.11.0"
+
+
+def test_peer_python_replaces_the_peer_venv(tmp_path: Path) -> None:
+    args = argparse.Namespace(only=["ppo"], assets=tmp_path, iterations=2, quick=True)
+    plan = bench_run.jobs(args, Path("/opt/python3"))
+    assert plan["ppo"][-1] == ("trl", ["/opt/python3", "bench/peer.py", "ppo", "--assets", str(tmp_path),
+                                       "--iterations", "2"])
