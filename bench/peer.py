@@ -9,6 +9,8 @@ PPO: `trl.experimental.ppo.PPOTrainer` with the policy and its reference (AutoMo
 reward and value models (AutoModelForSequenceClassification) loaded from the same directories our side
 loads. Timed: from the start of iteration 2's `batch_generation` to the `on_step_end` of the last iteration,
 the same phases as ours (rollout, rewards, advantages, PPO epochs, logging); not timed: loading, iteration 1.
+Its two `gc.collect()` calls per iteration are timed too (`gc_seconds`: their share of TRL's time, printed by
+bench/run.py among the checks); they stay in TRL's time, since they are part of how TRL 1.12 runs.
 SFT: `trl.SFTTrainer`, completion-only loss, no packing, timed as ours (bench/ours.py: SFTClock).
 
 Prints one `BENCH {json}` line.
@@ -16,6 +18,7 @@ Prints one `BENCH {json}` line.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import tempfile
@@ -59,6 +62,16 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
                       "tokens": int((responses != tokenizer.pad_token_id).sum())})
         return query_responses, logits
 
+    # TRL 1.12 calls gc.collect() twice per iteration; each call is timed to say what share of TRL's time it is.
+    collect, collections = gc.collect, []
+
+    def timed_collect(*args: Any, **kwargs: Any) -> int:
+        t0 = time.perf_counter()
+        try:
+            return collect(*args, **kwargs)
+        finally:
+            collections.append((t0, time.perf_counter() - t0))
+
     class StepEnd(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             marks[-1]["end"] = time.perf_counter()
@@ -74,19 +87,21 @@ def run_ppo(assets: Path, s: PPOBench) -> dict[str, Any]:
             value_model=AutoModelForSequenceClassification.from_pretrained(assets / "rm", num_labels=1),
             train_dataset=dataset, eval_dataset=dataset.select(range(8)), callbacks=[StepEnd()],
         )
-        module.batch_generation = timed_generation
+        module.batch_generation, gc.collect = timed_generation, timed_collect
         try:
             trainer.train()
         finally:
-            module.batch_generation = batch_generation
+            module.batch_generation, gc.collect = batch_generation, collect
     if len(marks) != s.iterations or any("end" not in m for m in marks):
         raise RuntimeError(f"expected {s.iterations} timed TRL iterations, saw {len(marks)}")
     timed = marks[1:] if len(marks) > 1 else marks
     seconds = timed[-1]["end"] - timed[0]["start"]
     episodes = sum(m["episodes"] for m in timed)
     tokens = sum(m["tokens"] for m in timed)
+    gc_seconds = sum(d for t, d in collections if timed[0]["start"] <= t <= timed[-1]["end"])
     return {
-        "stage": "ppo", "side": "trl", "trl": trl.__version__, "seconds": seconds, "episodes": episodes,
+        "stage": "ppo", "side": "trl", "trl": trl.__version__, "seconds": seconds, "gc_seconds": gc_seconds,
+        "episodes": episodes,
         "tokens": tokens, "episodes_per_s": episodes / seconds, "tokens_per_s": tokens / seconds,
         "expected_tokens": episodes * s.max_new_tokens, "torch_threads": torch.get_num_threads(),
         "optimizer_steps": counter.steps, "expected_steps": s.optimizer_steps,

@@ -206,6 +206,11 @@ def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[st
             bad = [r for r in runs if r["optimizer_steps"] != r["expected_steps"]]
             out.append(f"PPO {side}: {'UNEQUAL' if bad else runs[0]['optimizer_steps']} optimizer steps"
                        f"{' (expected ' + str(runs[0]['expected_steps']) + ')' if bad else ' per run, as set'}")
+    trl_ppo = [r for r in results.get("ppo", {}).get("trl", []) if "gc_seconds" in r]
+    if trl_ppo:
+        share = statistics.median(r["gc_seconds"] / r["seconds"] for r in trl_ppo)
+        out.append(f"PPO trl: gc.collect() took {100 * share:.0f} % of TRL's timed seconds (median; TRL 1.12 calls it "
+                   "twice per iteration, ours never)")
     pinned = PEER_TRL.split("==")[1]
     for stage in ("ppo", "sft"):
         other = sorted({r["trl"] for r in results.get(stage, {}).get("trl", []) if r.get("trl", pinned) != pinned})

@@ -216,3 +216,11 @@ def test_peer_python_replaces_the_peer_venv(tmp_path: Path) -> None:
     plan = bench_run.jobs(args, Path("/opt/python3"))
     assert plan["ppo"][-1] == ("trl", ["/opt/python3", "bench/peer.py", "ppo", "--assets", str(tmp_path),
                                        "--iterations", "2"])
+
+
+def test_checks_give_the_share_of_trl_time_in_gc_collect() -> None:
+    run = {"episodes_per_s": 10, "tokens_per_s": 240, "peak_rss_mib": 600, "tokens": 1536, "expected_tokens": 1536,
+           "episodes": 64}
+    trl = [{**run, "seconds": 10.0, "gc_seconds": g} for g in (2.0, 2.5, 3.0)]
+    checks = bench_run.token_checks({"ppo": {"ours": [run], "trl": trl}})
+    assert any(c.startswith("PPO trl: gc.collect() took 25 % of TRL's timed seconds") for c in checks)
