@@ -295,6 +295,11 @@ class SFTConfig(TrainConfig):
         None, help="Model to fine-tune: a directory or hub id; null = this profile's pretrain output."
     )
     max_length: int = _f(128, help="Longest tokenized prompt+completion; longer rows are truncated.", ge=8)
+    packing: bool = _f(
+        False, help="Pack demonstrations side by side into rows of up to max_length tokens (TRL's best-fit "
+        "decreasing, padding-free: position ids restart with each demonstration, so none attends to another). "
+        "No padding is computed; batch_size then counts packed rows, so an epoch takes fewer optimizer steps.",
+    )
     generation: GenerationEvalConfig = _f(
         factory=GenerationEvalConfig, help="Sampled-generation eval of the initial and final model."
     )

@@ -245,18 +245,27 @@ def _sft(cfg: Config, p: Printer) -> None:
     loss = ("assistant turns only (the chat template's {% generation %} spans)" if conversational
             else "completion only (prompt tokens masked)")
     p(f"format: {'conversational (messages)' if conversational else 'prompt-completion'}; loss on the {loss}")
+    # Per demonstration first (packing only places the same examples side by side), then what packing makes.
+    unpacked = copy.copy(args)
+    unpacked.packing, unpacked.eval_packing = False, False
     prepared = None
     for key, rows, name in (("sft.data.train", train, "train"), ("sft.data.eval", held_out, "eval")):
         if rows is None:
             p(f"\n{key}: none (no held-out loss or generation evaluation)")
             continue
-        examples = _sft_report(p, key, getattr(s.data, name), rows, tokenizer, args, name)
+        examples = _sft_report(p, key, getattr(s.data, name), rows, tokenizer, unpacked, name)
+        if args.packing and name == "train" and len(examples):  # the held-out set is not packed
+            packed = sft.prepare_examples(rows, tokenizer, args, name)
+            tokens = sum(len(x) for x in packed["input_ids"])
+            p(f"  sft.packing: {len(examples):,} examples packed into {len(packed):,} rows of at most "
+              f"{args.max_length} tokens ({100 * tokens / (len(packed) * args.max_length):.0f} % full), no padding")
         prepared = prepared if prepared is not None else examples
     assert prepared is not None
     if len(prepared) == 0:
         raise ConfigError(f"no row of 'sft.data.train' keeps a trained token within sft.max_length={s.max_length}")
 
-    # The first batch exactly as the Trainer's collator builds it; the example is its first row.
+    # The first batch exactly as the Trainer's collator builds it (packed: one padding-free row of the first
+    # packed rows, position ids restarting per example); the example is its first demonstration.
     pad = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.convert_tokens_to_ids(pad),
                                                pad_to_multiple_of=args.pad_to_multiple_of)
@@ -267,8 +276,16 @@ def _sft(cfg: Config, p: Printer) -> None:
     p()
     p(p.bold(f"example: the first training example, as the model sees it ({n} tokens: {n - trained} masked, "
              f"{trained} trained)"))
-    p(f"  first batch: input_ids {list(batch['input_ids'].shape)} (sft.batch_size={s.batch_size} rows, right-padded "
-      f"with {pad!r})")
+    if args.packing:
+        packed = sft.prepare_examples(train, tokenizer, args, "train")
+        first = DataCollatorForLanguageModeling(pad_token_id=tokenizer.convert_tokens_to_ids(pad), padding_free=True)(
+            [packed[i] for i in range(min(s.batch_size, len(packed)))])
+        starts = int((first["position_ids"] == 0).sum())
+        p(f"  first batch: input_ids {list(first['input_ids'].shape)} (sft.packing: sft.batch_size={s.batch_size} "
+          f"packed rows side by side, {starts} examples, position ids restarting at each; no padding)")
+    else:
+        p(f"  first batch: input_ids {list(batch['input_ids'].shape)} (sft.batch_size={s.batch_size} rows, "
+          f"right-padded with {pad!r})")
     p("  legend: " + p.dim("[[masked]]") + " = context only (label -100, no loss); plain = trained (label) tokens")
     p.block(mark_labels(p, tokenizer, ids, labels))
     p(f"  per token (first {min(n, TABLE_TOKENS)} of {n}):")

@@ -233,3 +233,22 @@ def test_dry_run_reads_registry_names_with_their_column_maps(small_data: dict[st
     assert proc.returncode == 0, proc.stderr
     assert "rows: 2;" in proc.stdout and "one two" in proc.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_sft_packing_shows_the_trainers_packed_rows(make_config, tmp_path: Path) -> None:
+    """With sft.packing the dry run still counts and shows each demonstration, then says how many packed rows
+    training gets: the number SFTTrainer's own packed dataset has; the first batch is one padding-free row."""
+    from trl import SFTTrainer
+
+    cfg = make_config("sft.packing=true", "sft.max_length=64")
+    train, held_out, _ = sft.load_data(cfg)
+    tokenizer = build_tiny_tokenizer(cfg.tokenizer)
+    args = sft.trl_args(cfg, tmp_path / "out", True, False)
+    trainer = SFTTrainer(model=build_tiny_model(cfg.model, tokenizer), args=args, train_dataset=train,
+                         eval_dataset=held_out, processing_class=tokenizer)
+    assert sft.prepare_examples(train, tokenizer, args, "train")["input_ids"] == trainer.train_dataset["input_ids"]
+    out = _run(cfg, "sft")
+    assert f"trains on: {len(train):,} rows" in out  # each demonstration, as without packing
+    assert f"sft.packing: {len(train):,} examples packed into {len(trainer.train_dataset):,} rows of at most 64" in out
+    assert out.count("sft.packing:") == 2  # the train set's line and the first batch's; the held-out set is not packed
+    assert re.search(r"first batch: input_ids \[1, \d+\] \(sft.packing", out)

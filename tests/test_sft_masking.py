@@ -59,3 +59,61 @@ def test_conversational_labels_cover_assistant_turns_only(tiny, tmp_path: Path) 
                 + tokenizer("apple pear", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     assert trained == expected  # both answers and their EOS, no user turn, no role marker
     assert all(lab == -100 or lab == t for t, lab in zip(ids, labels, strict=True))
+
+
+def token_losses(model, batch: dict) -> list[float]:
+    """Every trained token's cross-entropy, in batch order (the model's own shift: token t predicts t + 1)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    losses = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+    return sorted(losses.tolist())
+
+
+def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens(
+    tiny, make_config, tmp_path: Path
+) -> None:
+    """sft.packing: the stage's own TRL arguments pack several demonstrations into one padding-free row; each
+    keeps its completion-only labels and attends only to itself (position ids restart, transformers masks
+    across them), so the trained tokens' losses are those of the unpacked, padded batch."""
+    import torch
+
+    from pipeline.stages.sft import trl_args
+
+    tokenizer = tiny[1]
+    # A model of its own: SFTTrainer patches the forward of a model it trains (a copy would keep the patch).
+    model = build_tiny_model(make_config().model, tokenizer)
+    torch.manual_seed(0)
+    for p in model.parameters():  # a trained-looking model: random enough that contamination would show
+        p.data.normal_(0, 0.2)
+    rows = [{"prompt": "count to three\n", "completion": "one two three"},
+            {"prompt": "repeat the word cat two times\n", "completion": "cat cat"},
+            {"prompt": "list two colours\n", "completion": "red, blue"},
+            {"prompt": "count to five\n", "completion": "one two three four five"}]
+
+    def batch(packing: bool) -> tuple[SFTTrainer, dict]:
+        cfg = make_config(f"sft.packing={str(packing).lower()}", "sft.max_length=64", f"sft.batch_size={len(rows)}")
+        args = trl_args(cfg, tmp_path / f"packed-{packing}", has_eval=False, conversational=False)
+        args.use_cpu, args.shuffle_dataset = True, False
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        return trainer, next(iter(trainer.get_train_dataloader()))
+
+    (packed_trainer, packed), (padded_trainer, padded) = batch(True), batch(False)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # one padding-free row
+    assert (packed["position_ids"] == 0).sum() == len(rows)  # each demonstration restarts its positions
+    assert padded["input_ids"].shape[0] == len(rows)
+    assert (packed["labels"] != -100).sum() == (padded["labels"] != -100).sum()  # the same trained tokens
+    a, b = token_losses(model, packed), token_losses(model, padded)
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    with torch.no_grad():  # the training loss itself, as each trainer computes it (its own forward path)
+        loss_packed = packed_trainer.compute_loss(model, dict(packed))
+        loss_padded = padded_trainer.compute_loss(model, dict(padded))
+    assert abs(float(loss_packed) - float(loss_padded)) < 1e-4 and abs(float(loss_packed) - sum(b) / len(b)) < 1e-4
+    # Without the restarted positions the same row attends across demonstrations: the check above can fail.
+    crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+    assert not torch.allclose(torch.tensor(token_losses(model, crossed)), torch.tensor(b), atol=1e-4)

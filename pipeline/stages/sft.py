@@ -195,11 +195,22 @@ def check_prompt_lengths(
 
 def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool) -> TRLSFTConfig:
     """TRL's SFTConfig for this stage: completion-only loss for prompt-completion rows, assistant-only loss
-    (the chat template's {% generation %} spans) for conversational ones."""
+    (the chat template's {% generation %} spans) for conversational ones.
+
+    `sft.packing`: TRL's best-fit-decreasing packing, which is padding-free: a batch is one row of the packed
+    demonstrations with position ids restarting at each, and no attention mask. transformers then builds a
+    block-diagonal causal mask from those position ids (SDPA and eager attention; flash attention reads the
+    sequence boundaries TRL passes), so no demonstration attends to another, and the first token of each has
+    no label (it would be "predicted" from the one before); tests/test_sft_masking.py checks the losses against
+    the unpacked rows. The held-out set is not packed: its batches hold the same demonstrations as without
+    packing (side by side, padding-free), so `eval/loss` stays comparable between packed and unpacked runs.
+    """
     return TRLSFTConfig(
         **trainer_kwargs(cfg, STAGE, output_dir, has_eval),
         max_length=cfg.sft.max_length,
-        packing=False,
+        packing=cfg.sft.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
         completion_only_loss=None if conversational else True,
         assistant_only_loss=conversational,
     )
