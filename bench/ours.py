@@ -13,7 +13,7 @@ iterations) also gives the roofline's achieved FLOP/s.
 
 SFT: our stage (TRL's SFTTrainer with this project's configuration, callbacks and guard), timed from the
 Trainer's `on_train_begin` to `on_train_end`; tokens = every input token of the prepared training rows
-(prompt and completion; the loss is on the completion only).
+(prompt and completion; the loss is on the completion only; packed rows hold the same tokens, no padding).
 
 Prints one `BENCH {json}` line (bench/settings.py: emit).
 """
@@ -217,6 +217,7 @@ def side_main(description: str, run_ppo: Any, run_sft: Any, argv: list[str] | No
         p.add_argument("--ptx", action="store_true", help="PPO with ptx_coef=1 (the tiny profile's γ_ptx)")
     p.add_argument("--iterations", type=int, default=PPOBench.iterations)
     p.add_argument("--sft-data", default=SFTBench.data, help="demonstrations file in the assets directory")
+    p.add_argument("--packing", action="store_true", help="SFT with packing (both sides support it)")
     args = p.parse_args(argv)
     quiet()
     os.chdir(ROOT)
@@ -224,7 +225,7 @@ def side_main(description: str, run_ppo: Any, run_sft: Any, argv: list[str] | No
         ptx_coef = 1.0 if getattr(args, "ptx", False) else 0.0
         result = run_ppo(args.assets, PPOBench(iterations=args.iterations, ptx_coef=ptx_coef))
     else:
-        result = run_sft(args.assets, SFTBench(data=args.sft_data))
+        result = run_sft(args.assets, SFTBench(data=args.sft_data, packing=args.packing))
     emit(result)
     return 0
 

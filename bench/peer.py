@@ -11,7 +11,7 @@ loads. Timed: from the start of iteration 2's `batch_generation` to the `on_step
 the same phases as ours (rollout, rewards, advantages, PPO epochs, logging); not timed: loading, iteration 1.
 Its two `gc.collect()` calls per iteration are timed too (`gc_seconds`: their share of TRL's time, printed by
 bench/run.py among the checks); they stay in TRL's time, since they are part of how TRL 1.12 runs.
-SFT: `trl.SFTTrainer`, completion-only loss, no packing, timed as ours (bench/ours.py: SFTClock).
+SFT: `trl.SFTTrainer`, completion-only loss, packed (`--packing`) or not, timed as ours (bench/ours.py: SFTClock).
 
 Prints one `BENCH {json}` line.
 """

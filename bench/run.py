@@ -28,7 +28,8 @@ What is timed (the docstrings of bench/ours.py and bench/peer.py say exactly whe
            tokens), N = matmul parameters per token (12·d² per block, + vocab·d LM head or d value head).
   SFT      tokens/s (every input token; loss on the completion only) from on_train_begin to on_train_end:
            our sft stage's TRL SFTTrainer configuration vs a plain TRL 1.12 SFTTrainer, same rows, batch 32,
-           length 64, schedule, no packing (our stage does not pack).
+           length 64, schedule; without packing, then both packed ("SFT (packed)": sft.packing / TRL's
+           packing=True, best-fit decreasing and padding-free on both sides; 32 packed rows per batch).
            What stays different, as each trainer does it: ours clips the gradient norm (1.0; TRL 1.12's PPO
            loop does not clip), runs the rollout's forwards in minibatch-size chunks (TRL: one chunk of 64) and
            scores each completion with the tiny task's gold reward for its logs (TRL has none).
@@ -101,9 +102,10 @@ def jobs(args: argparse.Namespace, peer_python: Path | None) -> dict[str, list[t
         if peer:
             out["ppo"].append(("trl", [*peer, "ppo", *assets, *iters]))
     if "sft" in args.only:
-        out["sft"] = [("ours", [*ours, "sft", *assets, *sft_data])]
-        if peer:
-            out["sft"].append(("trl", [*peer, "sft", *assets, *sft_data]))
+        for stage, packing in (("sft", []), ("sft_packed", ["--packing"])):
+            out[stage] = [("ours", [*ours, "sft", *assets, *sft_data, *packing])]
+            if peer:
+                out[stage].append(("trl", [*peer, "sft", *assets, *sft_data, *packing]))
     if "rm" in args.only:
         out["rm"] = [("ours", [*rm, "--side", "ours"]), ("trl", [*rm, "--side", "trl"])]
     return out
@@ -140,6 +142,7 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str,
     row("PPO (ptx off)", "ppo", "ours", "trl", "tokens_per_s", "gen. tokens/s")
     row("PPO-ptx (ours γ=1)", "ppo", "ours_ptx", "trl", "episodes_per_s", "episodes/s")
     row("SFT", "sft", "ours", "trl", "tokens_per_s", "tokens/s")
+    row("SFT (packed)", "sft_packed", "ours", "trl", "tokens_per_s", "tokens/s")
     row("RM (K = 4)", "rm", "ours", "trl", "comparisons_per_s", "comparisons/s")
     return rows
 
@@ -216,12 +219,12 @@ def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[st
         other = sorted({r["trl"] for r in results.get(stage, {}).get("trl", []) if r.get("trl", pinned) != pinned})
         if other:
             out.append(f"{stage.upper()} trl: TRL {', '.join(other)}, NOT the pinned {pinned}")
-    sft = results.get("sft", {})
-    steps = {side: {r.get("optimizer_steps") for r in runs} for side, runs in sft.items()}
-    if len(steps) == 2:
-        same = len(set.union(*steps.values())) == 1
-        out.append(f"SFT: {'the same' if same else 'UNEQUAL'} optimizer steps on both sides "
-                   f"({', '.join(f'{k} {sorted(v)}' for k, v in steps.items())})")
+    for stage, name in (("sft", "SFT"), ("sft_packed", "SFT (packed)")):
+        steps = {side: {r.get("optimizer_steps") for r in runs} for side, runs in results.get(stage, {}).items()}
+        if len(steps) == 2:
+            same = len(set.union(*steps.values())) == 1
+            out.append(f"{name}: {'the same' if same else 'UNEQUAL'} optimizer steps on both sides "
+                       f"({', '.join(f'{k} {sorted(v)}' for k, v in steps.items())})")
     return out
 
 

@@ -111,11 +111,13 @@ class SFTBench:
     max_length: int = 64
     lr: float = 1e-3
     seed: int = 0
+    packing: bool = False  # both sides: TRL's best-fit-decreasing, padding-free packing (our sft.packing)
 
 
 def sft_settings(s: SFTBench, run_dir: str, init: str, train: str) -> tuple[list[str], dict[str, Any]]:
-    """(our `python -m pipeline sft` overrides, TRL SFTConfig kwargs): completion-only loss, no packing (our
-    stage does not pack), the same batch, length, schedule and optimizer."""
+    """(our `python -m pipeline sft` overrides, TRL SFTConfig kwargs): completion-only loss, the same batch,
+    length, schedule and optimizer, packed on both sides (TRL's default best-fit-decreasing strategy, which is
+    padding-free) or on neither."""
     ours = [
         f"run_dir={run_dir}", f"sft.init={init}", f"sft.data.train={train}", "sft.data.eval=null",
         f"seed={s.seed}", "tracking.wandb=false", "tracking.tensorboard=false",
@@ -123,12 +125,13 @@ def sft_settings(s: SFTBench, run_dir: str, init: str, train: str) -> tuple[list
         f"sft.lr={s.lr}", "sft.lr_scheduler=cosine", "sft.warmup_ratio=0.05", "sft.grad_accum=1",
         "sft.logging_steps=10", "sft.save_steps=100000", "sft.eval_steps=null",
         "sft.generation.num_prompts=0",  # our before/after sampling: outside train(), not timed; off
+        f"sft.packing={str(s.packing).lower()}",
     ]
     trl = {
         "output_dir": run_dir, "seed": s.seed, "data_seed": s.seed, "report_to": "none", "disable_tqdm": True,
         "num_train_epochs": s.epochs, "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": 1,
         "max_length": s.max_length, "learning_rate": s.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0.05,
-        "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no", "packing": False,
+        "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no", "packing": s.packing,
         "completion_only_loss": True, "bf16": False, "dataloader_num_workers": 0,
     }
     return ours, trl

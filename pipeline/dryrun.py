@@ -46,6 +46,7 @@ from pipeline.modeling import (
     load_base_tokenizer,
     load_tokenizer,
 )
+from pipeline.packing import RowPackedCollator
 from pipeline.rollout import encode_prompts
 from pipeline.stages import ppo, pretrain, rm, sft
 
@@ -278,11 +279,11 @@ def _sft(cfg: Config, p: Printer) -> None:
              f"{trained} trained)"))
     if args.packing:
         packed = sft.prepare_examples(train, tokenizer, args, "train")
-        first = DataCollatorForLanguageModeling(pad_token_id=tokenizer.convert_tokens_to_ids(pad), padding_free=True)(
+        first = RowPackedCollator(tokenizer.convert_tokens_to_ids(pad), args.pad_to_multiple_of)(
             [packed[i] for i in range(min(s.batch_size, len(packed)))])
-        starts = int((first["position_ids"] == 0).sum())
-        p(f"  first batch: input_ids {list(first['input_ids'].shape)} (sft.packing: sft.batch_size={s.batch_size} "
-          f"packed rows side by side, {starts} examples, position ids restarting at each; no padding)")
+        starts = int(sum(len(x) for x in packed[: min(s.batch_size, len(packed))]["seq_lengths"]))
+        p(f"  first batch: input_ids {list(first['input_ids'].shape)} (sft.packing: {first['input_ids'].shape[0]} "
+          f"packed rows holding {starts} examples, position ids restarting at each; the example is one of them)")
     else:
         p(f"  first batch: input_ids {list(batch['input_ids'].shape)} (sft.batch_size={s.batch_size} rows, "
           f"right-padded with {pad!r})")

@@ -2,7 +2,8 @@
 completions) cut to the columns it uses (`token_window`), or its rows packed side by side into fewer rows with a
 block-diagonal causal mask (`pack_rows`). Either way every real token gets the numbers of the padded batch (the
 same tokens, positions and attention keys), within float rounding; pipeline/rollout.py and pipeline/update.py use
-them, docs/performance.md measures what they save.
+them, docs/performance.md measures what they save. For SFT (`sft.packing`), `RowPackedCollator` batches the rows
+TRL packs.
 """
 
 from __future__ import annotations
@@ -106,3 +107,31 @@ def _first_fit(lengths: list[int]) -> tuple[list[int], list[int], int]:
             best = (len(fill) * L, bins, offsets, L)
     assert best is not None
     return best[1], best[2], best[3]
+
+
+class RowPackedCollator:
+    """SFT batches of TRL's packed rows (`sft.packing`), each packed row a row of the batch.
+
+    TRL's best-fit-decreasing packing fills rows of up to `max_length` tokens with whole demonstrations and
+    records their lengths (`seq_lengths`); its own collator then flattens the whole batch into a single row
+    ("padding-free"), which suits flash attention's variable-length kernels but makes SDPA and eager attention
+    build one dense [N, N] mask over N = batch_size × max_length tokens: quadratic in the batch (on a CPU, 6×
+    slower than not packing at all on the tiny profile). Here the packed rows stay rows: position ids restart
+    at each demonstration and no attention mask is passed, so transformers builds each row's block-diagonal
+    causal mask from the position ids (its packed-sequence detection); a demonstration attends to itself only,
+    as unpacked, at B · max_length² cost. The first token of each demonstration gets no label (the token
+    before it belongs to another one); right padding (position id 0, label -100) is a one-token sequence of its
+    own. tests/test_sft_masking.py checks the losses against the unpacked rows.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True,
+                                                     pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        del batch["attention_mask"]  # with a mask, transformers would not read the sequences from the positions
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch

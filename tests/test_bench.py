@@ -72,8 +72,10 @@ def test_sft_settings_give_both_trainers_the_same_run(tmp_path: Path) -> None:
     assert (cfg.batch_size, cfg.max_length, cfg.lr, cfg.epochs, cfg.lr_scheduler, cfg.warmup_ratio) == (
         trl["per_device_train_batch_size"], trl["max_length"], trl["learning_rate"], trl["num_train_epochs"],
         trl["lr_scheduler_type"], trl["warmup_steps"])
-    assert trl["completion_only_loss"] is True and trl["packing"] is False  # our stage: completion-only, no packing
+    assert trl["completion_only_loss"] is True and trl["packing"] is False and cfg.packing is False
     assert cfg.data.eval is None and cfg.generation.num_prompts == 0
+    ours, trl = sft_settings(SFTBench(packing=True), str(tmp_path), "init", "data/tiny/demos.train.jsonl")
+    assert trl["packing"] is True and load_config(ROOT / "configs/tiny.yaml", ours).sft.packing is True
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,10 @@ def test_our_sft_bench_counts_the_tokens_it_trains_on(assets: Path) -> None:
     assert 32 * 3 < r["tokens"] <= 32 * SFTBench().max_length
     assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
     assert r["optimizer_steps"] == 1  # 32 rows, batch 32, one epoch
+    packed = bench_line([sys.executable, "bench/ours.py", "sft", "--assets", str(assets), "--sft-data",
+                         "demos.quick.jsonl", "--packing"])
+    assert packed["tokens"] == r["tokens"]  # the same tokens, side by side in fewer rows: no padding counted
+    assert packed["optimizer_steps"] == 1
 
 
 def test_rm_throughput_benchmark_trains_both_and_prints_the_ratio() -> None:
@@ -167,10 +173,12 @@ def test_report_takes_medians_and_flags_unequal_token_counts() -> None:
     assert rows[0]["rss_ours_mib"] == 700 and rows[0]["rss_trl_mib"] == 720  # the largest peak of each side
     assert rows[1]["unit"] == "gen. tokens/s" and rows[1]["ratio"] == 2.0
     results["sft"] = {"ours": [{"optimizer_steps": 32}] * 2, "trl": [{"optimizer_steps": 32}, {"optimizer_steps": 31}]}
+    results["sft_packed"] = {"ours": [{"optimizer_steps": 7}] * 2, "trl": [{"optimizer_steps": 7}] * 2}
     checks = bench_run.token_checks(results)
     assert "all completions at full length" in checks[0] and "96 optimizer steps per run" in checks[1]
     assert "UNEQUAL completions" in checks[2] and "UNEQUAL optimizer steps" in checks[3]
     assert checks[4].startswith("SFT: UNEQUAL")
+    assert checks[5].startswith("SFT (packed): the same optimizer steps on both sides")
 
 
 def test_report_shows_peak_gpu_memory_only_for_gpu_runs() -> None:
@@ -216,6 +224,10 @@ def test_peer_python_replaces_the_peer_venv(tmp_path: Path) -> None:
     plan = bench_run.jobs(args, Path("/opt/python3"))
     assert plan["ppo"][-1] == ("trl", ["/opt/python3", "bench/peer.py", "ppo", "--assets", str(tmp_path),
                                        "--iterations", "2"])
+    sft_plan = bench_run.jobs(argparse.Namespace(**{**vars(args), "only": ["sft"]}), Path("/opt/python3"))
+    assert [side for side, _ in sft_plan["sft_packed"]] == ["ours", "trl"]
+    assert all(cmd[-1] == "--packing" for _, cmd in sft_plan["sft_packed"])
+    assert all("--packing" not in cmd for _, cmd in sft_plan["sft"])
 
 
 def test_checks_give_the_share_of_trl_time_in_gc_collect() -> None:

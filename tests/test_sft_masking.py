@@ -83,7 +83,7 @@ def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens
     across them), so the trained tokens' losses are those of the unpacked, padded batch."""
     import torch
 
-    from pipeline.stages.sft import trl_args
+    from pipeline.stages.sft import trl_args, use_packed_rows
 
     tokenizer = tiny[1]
     # A model of its own: SFTTrainer patches the forward of a model it trains (a copy would keep the patch).
@@ -101,11 +101,14 @@ def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens
         args = trl_args(cfg, tmp_path / f"packed-{packing}", has_eval=False, conversational=False)
         args.use_cpu, args.shuffle_dataset = True, False
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        use_packed_rows(trainer, cfg)  # as the stage does
         return trainer, next(iter(trainer.get_train_dataloader()))
 
     (packed_trainer, packed), (padded_trainer, padded) = batch(True), batch(False)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed  # one padding-free row
-    assert (packed["position_ids"] == 0).sum() == len(rows)  # each demonstration restarts its positions
+    # Packed rows as rows, no attention mask; position ids restart at each demonstration.
+    assert packed["input_ids"].shape[0] < len(rows) and "attention_mask" not in packed
+    starts = packed["position_ids"][:, :-1] >= packed["position_ids"][:, 1:]
+    assert int(starts.sum()) + packed["input_ids"].shape[0] == len(rows)
     assert padded["input_ids"].shape[0] == len(rows)
     assert (packed["labels"] != -100).sum() == (padded["labels"] != -100).sum()  # the same trained tokens
     a, b = token_losses(model, packed), token_losses(model, padded)
@@ -115,5 +118,5 @@ def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens
         loss_padded = padded_trainer.compute_loss(model, dict(padded))
     assert abs(float(loss_packed) - float(loss_padded)) < 1e-4 and abs(float(loss_packed) - sum(b) / len(b)) < 1e-4
     # Without the restarted positions the same row attends across demonstrations: the check above can fail.
-    crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+    crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert not torch.allclose(torch.tensor(token_losses(model, crossed)), torch.tensor(b), atol=1e-4)

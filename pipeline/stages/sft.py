@@ -35,6 +35,7 @@ from pipeline.data import DataError, as_chat, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import context_length, load_stage_model
+from pipeline.packing import RowPackedCollator
 from pipeline.training import (
     check_launch,
     final_metrics,
@@ -91,6 +92,7 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
         callbacks=[*tracking.start(cfg, STAGE, is_main=args.process_index == 0), signals.StopOnSignal(STAGE),
                    *(callbacks or [])],
     )
+    use_packed_rows(trainer, cfg)
     trainer.add_callback(_token_count(trainer))
     check_launch(trainer, STAGE)
     trainer.configure_guard(STAGE, s.nan_policy)
@@ -197,13 +199,11 @@ def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool
     """TRL's SFTConfig for this stage: completion-only loss for prompt-completion rows, assistant-only loss
     (the chat template's {% generation %} spans) for conversational ones.
 
-    `sft.packing`: TRL's best-fit-decreasing packing, which is padding-free: a batch is one row of the packed
-    demonstrations with position ids restarting at each, and no attention mask. transformers then builds a
-    block-diagonal causal mask from those position ids (SDPA and eager attention; flash attention reads the
-    sequence boundaries TRL passes), so no demonstration attends to another, and the first token of each has
-    no label (it would be "predicted" from the one before); tests/test_sft_masking.py checks the losses against
-    the unpacked rows. The held-out set is not packed: its batches hold the same demonstrations as without
-    packing (side by side, padding-free), so `eval/loss` stays comparable between packed and unpacked runs.
+    `sft.packing`: TRL's best-fit-decreasing packing of whole demonstrations into rows of up to max_length
+    tokens, batched by `packing.RowPackedCollator` (set on the trainer by `run`): position ids restart at each
+    demonstration, so none attends to another, and the first token of each has no label. The held-out set is
+    not packed: its batches hold the same demonstrations as without packing, so `eval/loss` stays comparable
+    between packed and unpacked runs.
     """
     return TRLSFTConfig(
         **trainer_kwargs(cfg, STAGE, output_dir, has_eval),
@@ -214,6 +214,15 @@ def trl_args(cfg: Config, output_dir: Path, has_eval: bool, conversational: bool
         completion_only_loss=None if conversational else True,
         assistant_only_loss=conversational,
     )
+
+
+def use_packed_rows(trainer: SFTTrainer, cfg: Config) -> None:
+    """With `sft.packing`, the trainer batches TRL's packed rows as rows (`packing.RowPackedCollator`) instead of
+    flattening each batch into one padding-free row (TRL's collator when it packs, which only flash attention
+    runs without a dense mask over the whole batch)."""
+    if cfg.sft.packing:
+        trainer.data_collator = RowPackedCollator(trainer.processing_class.pad_token_id,
+                                                  trainer.args.pad_to_multiple_of)
 
 
 def training_chat_template(tokenizer: PreTrainedTokenizerBase, source: str = "the model") -> str | None:
