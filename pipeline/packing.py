@@ -135,3 +135,24 @@ class RowPackedCollator:
         del batch["attention_mask"]  # with a mask, transformers would not read the sequences from the positions
         batch["labels"][batch["position_ids"] == 0] = -100
         return batch
+
+
+def separates_packed_sequences(model: Any) -> bool:
+    """Whether `model`'s attention keeps packed sequences apart given restarting position ids and no attention
+    mask (what `RowPackedCollator` relies on): two short sequences packed in one row must get the logits each
+    gets alone. transformers' own causal masks do this; an architecture that builds its mask another way would
+    let packed demonstrations attend to each other without a word, so `sft.packing` checks first."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    a, b = torch.arange(2, 7, device=device) % vocab, torch.arange(7, 10, device=device) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=b[None], use_cache=False).logits[0].float()
+            row = torch.cat([a, b])[None]
+            positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(a):].float()
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(packed, alone, atol=1e-3 * (1 + alone.abs().max().item())))

@@ -120,3 +120,28 @@ def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens
     # Without the restarted positions the same row attends across demonstrations: the check above can fail.
     crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert not torch.allclose(torch.tensor(token_losses(model, crossed)), torch.tensor(b), atol=1e-4)
+
+
+def test_packing_refuses_a_model_whose_attention_would_mix_packed_demonstrations(
+    tiny, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' causal mask follows restarting position ids; a model that ignores them (here: the tiny
+    GPT-2 given a plain causal mask whatever the positions) is refused with one clear error."""
+    import transformers.models.gpt2.modeling_gpt2 as gpt2
+
+    from pipeline.config import ConfigError
+    from pipeline.packing import separates_packed_sequences
+    from pipeline.stages.sft import trl_args, use_packed_rows
+
+    model = build_tiny_model(make_config().model, tiny[1])
+    assert separates_packed_sequences(model)
+    create = gpt2.create_causal_mask
+    monkeypatch.setattr(gpt2, "create_causal_mask", lambda **kw: create(**{**kw, "position_ids": None}))
+    assert not separates_packed_sequences(model)
+    cfg = make_config("sft.packing=true")
+    args = trl_args(cfg, tmp_path / "out", has_eval=False, conversational=False)
+    args.use_cpu = True
+    trainer = SFTTrainer(model=model, args=args, processing_class=tiny[1],
+                         train_dataset=Dataset.from_list([{"prompt": "count to two\n", "completion": "one two"}]))
+    with pytest.raises(ConfigError, match=r"'sft\.packing': GPT2LMHeadModel lets packed sequences attend"):
+        use_packed_rows(trainer, cfg)

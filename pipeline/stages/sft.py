@@ -35,7 +35,7 @@ from pipeline.data import DataError, as_chat, load_demonstrations, row_origin
 from pipeline.evaluation import check_gold_covers, generation_eval, gold_function
 from pipeline.guards import NonFiniteGuard
 from pipeline.modeling import context_length, load_stage_model
-from pipeline.packing import RowPackedCollator
+from pipeline.packing import RowPackedCollator, separates_packed_sequences
 from pipeline.training import (
     check_launch,
     final_metrics,
@@ -220,9 +220,16 @@ def use_packed_rows(trainer: SFTTrainer, cfg: Config) -> None:
     """With `sft.packing`, the trainer batches TRL's packed rows as rows (`packing.RowPackedCollator`) instead of
     flattening each batch into one padding-free row (TRL's collator when it packs, which only flash attention
     runs without a dense mask over the whole batch)."""
-    if cfg.sft.packing:
-        trainer.data_collator = RowPackedCollator(trainer.processing_class.pad_token_id,
-                                                  trainer.args.pad_to_multiple_of)
+    if not cfg.sft.packing:
+        return
+    # Under DeepSpeed the weights may already be partitioned (ZeRO-3) and only the engine can run the model.
+    if not trainer.is_deepspeed_enabled and not separates_packed_sequences(trainer.model):
+        raise ConfigError(
+            f"'sft.packing': {type(trainer.model).__name__} lets packed sequences attend to each other (its "
+            "attention mask does not follow restarting position ids), so packed demonstrations would leak into "
+            "one another: set sft.packing=false"
+        )
+    trainer.data_collator = RowPackedCollator(trainer.processing_class.pad_token_id, trainer.args.pad_to_multiple_of)
 
 
 def training_chat_template(tokenizer: PreTrainedTokenizerBase, source: str = "the model") -> str | None:
