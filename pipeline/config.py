@@ -296,9 +296,10 @@ class SFTConfig(TrainConfig):
     )
     max_length: int = _f(128, help="Longest tokenized prompt+completion; longer rows are truncated.", ge=8)
     packing: bool = _f(
-        False, help="Pack demonstrations side by side into rows of up to max_length tokens (TRL's best-fit "
-        "decreasing, padding-free: position ids restart with each demonstration, so none attends to another). "
-        "No padding is computed; batch_size then counts packed rows, so an epoch takes fewer optimizer steps.",
+        False, help="Pack whole demonstrations into rows of up to max_length tokens (TRL's best-fit decreasing); "
+        "position ids restart at each demonstration, so none attends to another (the stage checks the model's "
+        "attention does this). No padding is computed; batch_size then counts packed rows, so an epoch takes "
+        "fewer optimizer steps: divide it by the packing factor `--dry-run` prints to keep the step size.",
     )
     generation: GenerationEvalConfig = _f(
         factory=GenerationEvalConfig, help="Sampled-generation eval of the initial and final model."

@@ -265,8 +265,8 @@ def _sft(cfg: Config, p: Printer) -> None:
     if len(prepared) == 0:
         raise ConfigError(f"no row of 'sft.data.train' keeps a trained token within sft.max_length={s.max_length}")
 
-    # The first batch exactly as the Trainer's collator builds it (packed: one padding-free row of the first
-    # packed rows, position ids restarting per example); the example is its first demonstration.
+    # The first batch exactly as the Trainer's collator builds it (packed: the first packed rows, position ids
+    # restarting at each demonstration); the example is the first demonstration, as unpacked.
     pad = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.convert_tokens_to_ids(pad),
                                                pad_to_multiple_of=args.pad_to_multiple_of)

@@ -115,8 +115,8 @@ class RowPackedCollator:
     TRL's best-fit-decreasing packing fills rows of up to `max_length` tokens with whole demonstrations and
     records their lengths (`seq_lengths`); its own collator then flattens the whole batch into a single row
     ("padding-free"), which suits flash attention's variable-length kernels but makes SDPA and eager attention
-    build one dense [N, N] mask over N = batch_size × max_length tokens: quadratic in the batch (on a CPU, 6×
-    slower than not packing at all on the tiny profile). Here the packed rows stay rows: position ids restart
+    build one dense [N, N] mask over N = batch_size × max_length tokens: quadratic in the batch (on the bench's
+    tiny model on a CPU, TRL 1.12's packed SFT runs at a sixth of its unpacked speed: docs/performance.md). Here the packed rows stay rows: position ids restart
     at each demonstration and no attention mask is passed, so transformers builds each row's block-diagonal
     causal mask from the position ids (its packed-sequence detection); a demonstration attends to itself only,
     as unpacked, at B · max_length² cost. The first token of each demonstration gets no label (the token
@@ -135,6 +135,14 @@ class RowPackedCollator:
         del batch["attention_mask"]  # with a mask, transformers would not read the sequences from the positions
         batch["labels"][batch["position_ids"] == 0] = -100
         return batch
+
+    def real_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's tokens without its right padding (what an attention mask would sum to): the trailing run of
+        pad tokens at position 0 of each row. A demonstration is at least two tokens, so none of its tokens is
+        such a one-token sequence, even when the pad token is the EOS."""
+        pad = (batch["position_ids"] == 0) & (batch["input_ids"] == self.inner.pad_token_id)
+        trailing = pad.flip(-1).long().cumprod(-1).sum()
+        return batch["input_ids"].numel() - trailing
 
 
 def separates_packed_sequences(model: Any) -> bool:

@@ -111,6 +111,8 @@ def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens
     assert int(starts.sum()) + packed["input_ids"].shape[0] == len(rows)
     assert padded["input_ids"].shape[0] == len(rows)
     assert (packed["labels"] != -100).sum() == (padded["labels"] != -100).sum()  # the same trained tokens
+    collator = packed_trainer.data_collator
+    assert int(collator.real_tokens(packed)) == int(padded["attention_mask"].sum())  # padding not counted
     a, b = token_losses(model, packed), token_losses(model, padded)
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
     with torch.no_grad():  # the training loss itself, as each trainer computes it (its own forward path)

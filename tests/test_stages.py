@@ -289,6 +289,10 @@ def test_packed_sft_trains_and_its_held_out_loss_is_the_unpacked_one(
         losses[packing] = summary["metrics"]
         if packing:
             assert AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft")) is not None
+            # The logged token count is every packed row's tokens (TRL alone would log one row's width per step).
+            logged = [json.loads(line) for line in (cfg.stage_dir("sft") / "log_history.jsonl").read_text().splitlines()]
+            last = [r for r in logged if "num_tokens" in r][-1]
+            assert last["num_tokens"] > last["step"] * 2 * cfg.sft.max_length
     packed, unpacked = losses[True], losses[False]
     assert packed["eval/loss"] < packed["eval/loss_init"] - 0.1
     assert abs(packed["eval/loss_init"] - unpacked["eval/loss_init"]) < 1e-3  # the same starting model, same rows

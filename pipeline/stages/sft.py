@@ -137,6 +137,18 @@ def run(cfg: Config, callbacks: list[TrainerCallback] | None = None) -> dict[str
 
 class GuardedSFTTrainer(NonFiniteGuard, SFTTrainer):
     """TRL's SFTTrainer behind the non-finite guard (pipeline/guards.py)."""
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        before = self._total_train_tokens
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if isinstance(self.data_collator, RowPackedCollator) and self.model.training:
+            # TRL counts a batch without an attention mask as its own padding-free layout, one flattened row, and
+            # logs that row's width as the batch's tokens; packed rows are B rows: count their real tokens.
+            real = self.data_collator.real_tokens(inputs)
+            self._total_train_tokens = before + int(self.accelerator.gather_for_metrics(real).sum())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return out
 def _token_count(trainer: SFTTrainer) -> TrainerCallback:
     """TRL keeps the count of tokens trained on (the logged `num_tokens`) in the trainer only, so a resumed run
     would count from 0 again. As an `ExportableState` callback, this one's state (the count) goes into every
