@@ -29,7 +29,8 @@ What is timed (the docstrings of bench/ours.py and bench/peer.py say exactly whe
   SFT      tokens/s (every input token; loss on the completion only) from on_train_begin to on_train_end:
            our sft stage's TRL SFTTrainer configuration vs a plain TRL 1.12 SFTTrainer, same rows, batch 32,
            length 64, schedule; without packing, then both packed ("SFT (packed)": sft.packing / TRL's
-           packing=True, best-fit decreasing and padding-free on both sides; 32 packed rows per batch).
+           packing=True, the same best-fit-decreasing rows, 32 per batch; TRL flattens a batch into one
+           padding-free row, ours keeps the rows: pipeline/packing.py, RowPackedCollator).
            What stays different, as each trainer does it: ours clips the gradient norm (1.0; TRL 1.12's PPO
            loop does not clip), runs the rollout's forwards in minibatch-size chunks (TRL: one chunk of 64) and
            scores each completion with the tiny task's gold reward for its logs (TRL has none).
@@ -215,7 +216,7 @@ def token_checks(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[st
         out.append(f"PPO trl: gc.collect() took {100 * share:.0f} % of TRL's timed seconds (median; TRL 1.12 calls it "
                    "twice per iteration, ours never)")
     pinned = PEER_TRL.split("==")[1]
-    for stage in ("ppo", "sft"):
+    for stage in ("ppo", "sft", "sft_packed"):
         other = sorted({r["trl"] for r in results.get(stage, {}).get("trl", []) if r.get("trl", pinned) != pinned})
         if other:
             out.append(f"{stage.upper()} trl: TRL {', '.join(other)}, NOT the pinned {pinned}")
