@@ -153,14 +153,19 @@ def separates_packed_sequences(model: Any) -> bool:
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
     a, b = torch.arange(2, 7, device=device) % vocab, torch.arange(7, 10, device=device) % vocab
+    row = torch.cat([a, b])[None]
+    restart = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             alone = model(input_ids=b[None], use_cache=False).logits[0].float()
-            row = torch.cat([a, b])[None]
-            positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
-            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(a):].float()
+            packed = model(input_ids=row, position_ids=restart, use_cache=False).logits[0, len(a):].float()
+            # The same row read as one sequence: what attending across the boundary does to the same tokens.
+            mixed = model(input_ids=row, use_cache=False).logits[0, len(a):].float()
     finally:
         model.train(was_training)
-    return bool(torch.allclose(packed, alone, atol=1e-3 * (1 + alone.abs().max().item())))
+    off, leak = (packed - alone).abs().max().item(), (mixed - alone).abs().max().item()
+    # Exact up to float32 rounding, or (bf16, quantized weights: packed and alone round differently) far
+    # closer to the sequence alone than attending across the boundary puts it.
+    return off <= 1e-3 * (1 + alone.abs().max().item()) or off < 0.1 * leak

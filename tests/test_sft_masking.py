@@ -129,6 +129,7 @@ def test_packing_refuses_a_model_whose_attention_would_mix_packed_demonstrations
 ) -> None:
     """transformers' causal mask follows restarting position ids; a model that ignores them (here: the tiny
     GPT-2 given a plain causal mask whatever the positions) is refused with one clear error."""
+    import torch
     import transformers.models.gpt2.modeling_gpt2 as gpt2
 
     from pipeline.config import ConfigError
@@ -137,6 +138,7 @@ def test_packing_refuses_a_model_whose_attention_would_mix_packed_demonstrations
 
     model = build_tiny_model(make_config().model, tiny[1])
     assert separates_packed_sequences(model)
+    assert separates_packed_sequences(build_tiny_model(make_config().model, tiny[1]).to(torch.bfloat16))
     create = gpt2.create_causal_mask
     monkeypatch.setattr(gpt2, "create_causal_mask", lambda **kw: create(**{**kw, "position_ids": None}))
     assert not separates_packed_sequences(model)
