@@ -78,7 +78,7 @@ def token_losses(model, batch: dict) -> list[float]:
 def test_packed_batches_train_every_demonstration_on_exactly_its_unpacked_tokens(
     tiny, make_config, tmp_path: Path
 ) -> None:
-    """sft.packing: the stage's own TRL arguments pack several demonstrations into one padding-free row; each
+    """sft.packing: the stage's own TRL arguments and collator pack several demonstrations into a row; each
     keeps its completion-only labels and attends only to itself (position ids restart, transformers masks
     across them), so the trained tokens' losses are those of the unpacked, padded batch."""
     import torch
@@ -149,3 +149,21 @@ def test_packing_refuses_a_model_whose_attention_would_mix_packed_demonstrations
                          train_dataset=Dataset.from_list([{"prompt": "count to two\n", "completion": "one two"}]))
     with pytest.raises(ConfigError, match=r"'sft\.packing': GPT2LMHeadModel lets packed sequences attend"):
         use_packed_rows(trainer, cfg)
+
+
+def test_row_packed_collator_keeps_rows_restarts_positions_and_counts_real_tokens() -> None:
+    """Two packed rows of different lengths: right padding at position 0 with label -100, no attention mask, the
+    first token of every demonstration unlabelled, and the real tokens counted without the padding, also when
+    the pad id is a token the demonstrations use (here 8, as when the pad token is the EOS)."""
+    from pipeline.packing import RowPackedCollator
+
+    collator = RowPackedCollator(pad_token_id=8)
+    batch = collator([
+        {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "seq_lengths": [2, 2]},  # two demonstrations
+        {"input_ids": [9, 10, 8], "labels": [-100, 10, 8], "seq_lengths": [3]},
+    ])
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 8, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 2, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8], [-100, 10, 8, -100]]
+    assert int(collator.real_tokens(batch)) == 7
