@@ -111,13 +111,13 @@ class SFTBench:
     max_length: int = 64
     lr: float = 1e-3
     seed: int = 0
-    packing: bool = False  # both sides: TRL's best-fit-decreasing, padding-free packing (our sft.packing)
+    packing: bool = False  # both sides: TRL's best-fit-decreasing packing (ours: sft.packing)
 
 
 def sft_settings(s: SFTBench, run_dir: str, init: str, train: str) -> tuple[list[str], dict[str, Any]]:
     """(our `python -m pipeline sft` overrides, TRL SFTConfig kwargs): completion-only loss, the same batch,
-    length, schedule and optimizer, packed on both sides (TRL's default best-fit-decreasing strategy, which is
-    padding-free) or on neither."""
+    length, schedule and optimizer, packed on both sides (TRL's default best-fit-decreasing strategy; TRL
+    batches the packed rows as one flattened row, ours as rows) or on neither."""
     ours = [
         f"run_dir={run_dir}", f"sft.init={init}", f"sft.data.train={train}", "sft.data.eval=null",
         f"seed={s.seed}", "tracking.wandb=false", "tracking.tensorboard=false",

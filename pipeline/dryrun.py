@@ -249,7 +249,7 @@ def _sft(cfg: Config, p: Printer) -> None:
     # Per demonstration first (packing only places the same examples side by side), then what packing makes.
     unpacked = copy.copy(args)
     unpacked.packing, unpacked.eval_packing = False, False
-    prepared = None
+    prepared = packed = None
     for key, rows, name in (("sft.data.train", train, "train"), ("sft.data.eval", held_out, "eval")):
         if rows is None:
             p(f"\n{key}: none (no held-out loss or generation evaluation)")
@@ -277,13 +277,13 @@ def _sft(cfg: Config, p: Printer) -> None:
     p()
     p(p.bold(f"example: the first training example, as the model sees it ({n} tokens: {n - trained} masked, "
              f"{trained} trained)"))
-    if args.packing:
-        packed = sft.prepare_examples(train, tokenizer, args, "train")
+    if packed is not None:  # the train set's packed rows, from the report above
+        rows_in_batch = min(s.batch_size, len(packed))
         first = RowPackedCollator(tokenizer.convert_tokens_to_ids(pad), args.pad_to_multiple_of)(
-            [packed[i] for i in range(min(s.batch_size, len(packed)))])
-        starts = int(sum(len(x) for x in packed[: min(s.batch_size, len(packed))]["seq_lengths"]))
-        p(f"  first batch: input_ids {list(first['input_ids'].shape)} (sft.packing: {first['input_ids'].shape[0]} "
-          f"packed rows holding {starts} examples, position ids restarting at each; the example is one of them)")
+            [packed[i] for i in range(rows_in_batch)])
+        in_batch = sum(len(x) for x in packed[:rows_in_batch]["seq_lengths"])
+        p(f"  first batch: input_ids {list(first['input_ids'].shape)} (sft.packing: {rows_in_batch} packed rows "
+          f"holding {in_batch} examples, position ids restarting at each; the example is one of them)")
     else:
         p(f"  first batch: input_ids {list(batch['input_ids'].shape)} (sft.batch_size={s.batch_size} rows, "
           f"right-padded with {pad!r})")

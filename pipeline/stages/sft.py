@@ -149,6 +149,8 @@ class GuardedSFTTrainer(NonFiniteGuard, SFTTrainer):
             self._total_train_tokens = before + int(self.accelerator.gather_for_metrics(real).sum())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return out
+
+
 def _token_count(trainer: SFTTrainer) -> TrainerCallback:
     """TRL keeps the count of tokens trained on (the logged `num_tokens`) in the trainer only, so a resumed run
     would count from 0 again. As an `ExportableState` callback, this one's state (the count) goes into every
